@@ -10,7 +10,11 @@ from __future__ import annotations
 import itertools
 import os
 import secrets
-from collections.abc import AsyncIterator, Iterator
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -149,6 +153,172 @@ async def async_redis_client(
         sync = redis.Redis.from_url(redis_url)
         _delete_prefixed(sync, redis_prefix)
         sync.close()
+
+
+# --- throwaway redis-server processes (fault injection, cluster) ----------------------------
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port(*, cluster: bool = False) -> int:
+    """A TCP port on loopback that was free a moment ago.
+
+    Args:
+        cluster: also keep ``port + 10000`` free (a cluster node's bus port), so stay low.
+    """
+    for _ in range(200):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if not cluster:
+            return port
+        port = 20000 + port % 30000
+        if _port_free(port) and _port_free(port + 10000):
+            return port
+    raise RuntimeError("no free loopback port found")
+
+
+def _wait_for_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            sock.settimeout(0.2)
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.02)
+    raise RuntimeError(f"redis-server on port {port} did not start within {timeout}s")
+
+
+class RedisServer:
+    """A redis-server process of the test's own on a spare loopback port; stop/start at will."""
+
+    def __init__(self, workdir: Path, *extra: str) -> None:
+        self.port = free_port(cluster="--cluster-enabled" in extra)
+        self.workdir = workdir
+        self.extra = extra
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """The server's ``redis://`` URL."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        """Start (or restart) the server on its port and wait until it accepts connections."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+                *self.extra,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        _wait_for_port(self.port)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL the server (a crash, not a shutdown)."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+            self.process = None
+
+
+def _redis_server_binary() -> None:
+    if shutil.which("redis-server") is None:
+        service_unavailable("redis-server binary", "not on PATH")
+
+
+@pytest.fixture
+def redis_server_factory(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
+    """Start throwaway redis-server processes; every one is killed after the test."""
+    _redis_server_binary()
+    servers: list[RedisServer] = []
+
+    def start(*extra: str) -> RedisServer:
+        server = RedisServer(tmp_path / f"redis{len(servers)}", *extra).start()
+        servers.append(server)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.kill()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real 3-node Redis Cluster on loopback ports, started for this test session."""
+    _redis_server_binary()
+    if shutil.which("redis-cli") is None:
+        service_unavailable("redis-cli binary", "not on PATH")
+    base = tmp_path_factory.mktemp("cluster")
+    nodes = [
+        RedisServer(
+            base / f"n{i}",
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            str(base / f"n{i}.conf"),
+            "--cluster-node-timeout",
+            "2000",
+        )
+        for i in range(3)
+    ]
+    try:
+        for node in nodes:
+            node.start()
+        addresses = [f"127.0.0.1:{node.port}" for node in nodes]
+        subprocess.run(
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *addresses,
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            info = subprocess.run(
+                ["redis-cli", "-p", str(nodes[0].port), "cluster", "info"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout
+            if "cluster_state:ok" in info:
+                break
+            time.sleep(0.1)
+        else:
+            raise RuntimeError("the test Redis Cluster never reached cluster_state:ok")
+        yield "redis+cluster://" + ",".join(addresses)
+    finally:
+        for node in nodes:
+            node.kill()
 
 
 # --- SQL ---------------------------------------------------------------------------------

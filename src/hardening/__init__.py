@@ -8,6 +8,7 @@ touching a feature whose extra is missing raises an ``ImportError`` naming the
 
 import importlib as _importlib
 import importlib.metadata as _metadata
+import typing as _typing
 
 from hardening._clock import Clock, FakeClock, SystemClock
 from hardening.errors import (
@@ -32,25 +33,111 @@ from hardening.errors import (
     UnsupportedMediaType,
 )
 
+if _typing.TYPE_CHECKING:
+    from hardening.metrics import (
+        OTHER_HTTP_METHOD,
+        OVERFLOW_LABEL_VALUE,
+        UNMATCHED_ROUTE,
+        GuardedCounter,
+        GuardedGauge,
+        GuardedHistogram,
+        HistogramTimer,
+        HttpRequestTimer,
+        Metrics,
+        gunicorn_child_exit,
+        mark_process_dead,
+        wipe_multiprocess_dir,
+    )
+    from hardening.ratelimit import (
+        AsyncRateLimiter,
+        AsyncRateLimitStorage,
+        AsyncRedisRateLimitStorage,
+        BackendErrorMode,
+        KeyFunc,
+        MemoryRateLimitStorage,
+        RateLimit,
+        RateLimitDecision,
+        RateLimiter,
+        RateLimitState,
+        RateLimitStorage,
+        RedisRateLimitStorage,
+        RequestInfo,
+        TrustedProxies,
+        client_ip,
+        first_key,
+        global_key,
+        ip_key,
+        joined_key,
+        user_key,
+    )
+
 try:
     __version__ = _metadata.version("hardening")
 except _metadata.PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
 # Public name -> private module that defines it; imported on first attribute access.
-_LAZY: dict[str, str] = {}
+_LAZY: dict[str, str] = {
+    "AsyncRateLimitStorage": "hardening.ratelimit",
+    "AsyncRateLimiter": "hardening.ratelimit",
+    "AsyncRedisRateLimitStorage": "hardening.ratelimit",
+    "BackendErrorMode": "hardening.ratelimit",
+    "KeyFunc": "hardening.ratelimit",
+    "MemoryRateLimitStorage": "hardening.ratelimit",
+    "RateLimit": "hardening.ratelimit",
+    "RateLimitDecision": "hardening.ratelimit",
+    "RateLimitState": "hardening.ratelimit",
+    "RateLimitStorage": "hardening.ratelimit",
+    "RateLimiter": "hardening.ratelimit",
+    "RedisRateLimitStorage": "hardening.ratelimit",
+    "RequestInfo": "hardening.ratelimit",
+    "TrustedProxies": "hardening.ratelimit",
+    "client_ip": "hardening.ratelimit",
+    "first_key": "hardening.ratelimit",
+    "global_key": "hardening.ratelimit",
+    "ip_key": "hardening.ratelimit",
+    "joined_key": "hardening.ratelimit",
+    "user_key": "hardening.ratelimit",
+    "GuardedCounter": "hardening.metrics",
+    "GuardedGauge": "hardening.metrics",
+    "GuardedHistogram": "hardening.metrics",
+    "HistogramTimer": "hardening.metrics",
+    "HttpRequestTimer": "hardening.metrics",
+    "Metrics": "hardening.metrics",
+    "OTHER_HTTP_METHOD": "hardening.metrics",
+    "OVERFLOW_LABEL_VALUE": "hardening.metrics",
+    "UNMATCHED_ROUTE": "hardening.metrics",
+    "gunicorn_child_exit": "hardening.metrics",
+    "mark_process_dead": "hardening.metrics",
+    "wipe_multiprocess_dir": "hardening.metrics",
+}
 
-__all__ = [
+# Plain sorted() order (tests/test_public_api.py), not ruff's isort-style order.
+__all__ = [  # noqa: RUF022
+    "AsyncRateLimitStorage",
+    "AsyncRateLimiter",
+    "AsyncRedisRateLimitStorage",
+    "BackendErrorMode",
     "BackendUnavailable",
     "Clock",
     "ConfigurationError",
     "ConflictError",
     "FakeClock",
+    "GuardedCounter",
+    "GuardedGauge",
+    "GuardedHistogram",
     "HardeningError",
+    "HistogramTimer",
+    "HttpRequestTimer",
     "InvalidPatch",
     "JobRejected",
+    "KeyFunc",
     "LeaseLost",
+    "MemoryRateLimitStorage",
+    "Metrics",
     "NotFoundError",
+    "OTHER_HTTP_METHOD",
+    "OVERFLOW_LABEL_VALUE",
     "PatchApplyError",
     "PatchConflict",
     "PatchError",
@@ -60,10 +147,28 @@ __all__ = [
     "PreconditionFailed",
     "PreconditionRequired",
     "QueueError",
+    "RateLimit",
+    "RateLimitDecision",
     "RateLimitExceeded",
+    "RateLimitState",
+    "RateLimitStorage",
+    "RateLimiter",
+    "RedisRateLimitStorage",
+    "RequestInfo",
     "SystemClock",
+    "TrustedProxies",
+    "UNMATCHED_ROUTE",
     "UnsupportedMediaType",
     "__version__",
+    "client_ip",
+    "first_key",
+    "global_key",
+    "gunicorn_child_exit",
+    "ip_key",
+    "joined_key",
+    "mark_process_dead",
+    "user_key",
+    "wipe_multiprocess_dir",
 ]
 
 

@@ -22,3 +22,65 @@ except HardeningError as exc:
     data: dict[str, object] = exc.details()
 
 version: str = hardening.__version__
+
+# --- rate limiting ---------------------------------------------------------------------
+from hardening import AsyncRateLimiter, RateLimitDecision, RateLimiter, RequestInfo, ip_key
+
+limiter = RateLimiter("30/minute;500/hour", block_for=60, tiers={"pro": 5, "ent": None})
+decision: RateLimitDecision = limiter.hit("user:1", cost=2, tier="pro")
+remaining: int = decision.remaining
+retry_after: float | None = decision.retry_after
+headers: dict[str, str] = decision.headers()
+
+
+@limiter.limit(key=lambda user: f"user:{user}")
+def save(user: str) -> int:
+    return 1
+
+
+saved: int = save("ana")
+async_limiter = AsyncRateLimiter("10/second", strategy="moving-window")
+
+
+async def check() -> bool:
+    return (await async_limiter.hit("k")).allowed
+
+
+key_of = ip_key(["10.0.0.0/8"])
+key: str | None = key_of(RequestInfo(client="10.0.0.1"))
+
+# --- metrics -----------------------------------------------------------------------------
+from prometheus_client import Counter as PromCounter
+
+from hardening import GuardedHistogram, HistogramTimer, HttpRequestTimer, Metrics
+
+metrics = Metrics("app", max_label_values=50, clock=FakeClock())
+save_errors = metrics.counter("save_errors_total", "Failed saves.", ["error_type"])
+conflicts: PromCounter = save_errors.labels(error_type="ConflictError")
+conflicts.inc()
+save_seconds: GuardedHistogram = metrics.histogram(
+    "save_seconds", "Save time.", ["error_type"], buckets=(0.1, 0.5, 1.0)
+)
+metrics.gauge("queue_depth", "Depth.", multiprocess_mode="livemostrecent").set(3)
+save_timer: HistogramTimer = metrics.timer("save_seconds")
+
+
+@metrics.timer("save_seconds")
+async def save_page(page_id: int) -> str:
+    return str(page_id)
+
+
+@save_seconds.time()
+def save_block(block_id: int) -> int:
+    return block_id
+
+
+block: int = save_block(1)
+request: HttpRequestTimer = metrics.track_http_request("GET")
+request_seconds: float = request.finish(200, "/pages/{page_id}", None)
+metrics.http_request("POST", None, 500, 0.2, "RuntimeError", exemplar={"trace_id": "t"})
+metrics.rate_limit_decision("api", "denied")
+metrics.job_finished("indexing", "succeeded", 0.5)
+metrics_body, metrics_type = metrics.render("application/openmetrics-text")
+scrape_body: bytes = metrics_body
+scrape_headers: dict[str, str] = metrics.render_response(None, "gzip")[1]

@@ -1,0 +1,573 @@
+"""``RateLimiter`` and ``AsyncRateLimiter``: one configuration and decision logic, two drivers."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import inspect
+import logging
+import threading
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, cast
+
+from typing_extensions import Self
+
+from hardening._clock import Clock, SystemClock, to_seconds
+from hardening._redis import client_from_url, is_async_client, is_redis_url
+from hardening.errors import BackendUnavailable, ConfigurationError, RateLimitExceeded
+from hardening.ratelimit.policy import (
+    STRATEGIES,
+    HitRequest,
+    HitResult,
+    LimitsSpec,
+    RateLimit,
+    RateLimitDecision,
+    RateLimitState,
+    Strategy,
+    TierSpec,
+    parse_limits,
+    parse_tiers,
+)
+from hardening.ratelimit.storage import (
+    AsyncRateLimitStorage,
+    AsyncRedisRateLimitStorage,
+    MemoryRateLimitStorage,
+    RateLimitStorage,
+    RedisRateLimitStorage,
+)
+
+if TYPE_CHECKING:
+    from hardening.metrics import Metrics
+
+__all__ = ["AsyncRateLimiter", "BackendErrorMode", "RateLimiter"]
+
+logger = logging.getLogger("hardening.ratelimit")
+
+BackendErrorMode = Literal["allow", "deny", "local"]
+P = ParamSpec("P")
+R = TypeVar("R")
+KeyArg = str | Callable[..., str]
+
+_MAX_KEY_CHARS = 200  # longer keys are hashed: bounded Redis key size whatever the input
+_BLOCK_CACHE_MAX = 10_000
+
+
+class _BackendHealth:
+    """Circuit breaker for the storage: after a failure, stay away with doubling backoff."""
+
+    def __init__(self, clock: Clock, initial: float = 0.5, cap: float = 30.0) -> None:
+        self._clock = clock
+        self._initial = initial
+        self._cap = cap
+        self._backoff = 0.0
+        self._retry_at = 0.0
+
+    def usable(self) -> bool:
+        return self._backoff == 0.0 or self._clock.monotonic() >= self._retry_at
+
+    def retry_in(self) -> float:
+        return max(self._retry_at - self._clock.monotonic(), self._initial)
+
+    def failed(self) -> bool:
+        """Record a failure; return whether the backend had been healthy until now."""
+        was_healthy = self._backoff == 0.0
+        self._backoff = min(self._cap, self._backoff * 2) if self._backoff else self._initial
+        self._retry_at = self._clock.monotonic() + self._backoff
+        return was_healthy
+
+    def succeeded(self) -> bool:
+        """Record a success; return whether the backend had been failing until now."""
+        recovered = self._backoff != 0.0
+        self._backoff = 0.0
+        return recovered
+
+
+class _LimiterBase:
+    """Everything but I/O: configuration, keys, tiers, blocks, fallbacks, metrics."""
+
+    _is_async = False
+
+    def __init__(
+        self,
+        limits: LimitsSpec,
+        *,
+        storage: object = "memory://",
+        strategy: Strategy = "sliding-window-counter",
+        block_for: float | timedelta | None = None,
+        on_backend_error: BackendErrorMode = "allow",
+        key_prefix: str = "hardening",
+        clock: Clock | None = None,
+        tiers: Mapping[str, TierSpec] | None = None,
+        metrics: Metrics | None = None,
+        name: str = "default",
+    ) -> None:
+        if strategy not in STRATEGIES:
+            raise ConfigurationError(f"unknown strategy {strategy!r}; one of {list(STRATEGIES)}")
+        if on_backend_error not in ("allow", "deny", "local"):
+            raise ConfigurationError(
+                f"on_backend_error must be 'allow', 'deny' or 'local', not {on_backend_error!r}"
+            )
+        self.limits: tuple[RateLimit, ...] = parse_limits(limits)
+        self.tiers: dict[str, tuple[RateLimit, ...] | None] = parse_tiers(tiers, self.limits)
+        self.strategy: Strategy = strategy
+        self._code = STRATEGIES[strategy]
+        self.block_for = 0.0 if block_for is None else to_seconds(block_for, name="block_for")
+        self.on_backend_error: BackendErrorMode = on_backend_error
+        self.key_prefix = key_prefix
+        self.clock: Clock = clock or SystemClock()
+        self.metrics = metrics
+        self.name = name
+        self._storage = self._make_storage(storage)
+        self._local = MemoryRateLimitStorage(clock=self.clock)
+        self._health = _BackendHealth(self.clock)
+        self._blocked: dict[str, float] = {}  # storage key -> monotonic time the block ends
+        self._blocked_lock = threading.Lock()
+        windows = {limit.window for limit in self.limits}
+        for tier_limits in self.tiers.values():
+            windows.update(limit.window for limit in tier_limits or ())
+        self._windows = frozenset(windows)
+
+    def _make_storage(self, storage: object) -> Any:
+        if isinstance(storage, str):
+            if storage == "memory://":
+                return MemoryRateLimitStorage(clock=self.clock)
+            if is_redis_url(storage):
+                client = client_from_url(storage, asyncio=self._is_async)
+                if self._is_async:
+                    return AsyncRedisRateLimitStorage(client, owns_client=True)
+                return RedisRateLimitStorage(client, owns_client=True)
+            raise ConfigurationError(f"unsupported rate-limit storage URL {storage!r}")
+        if isinstance(storage, MemoryRateLimitStorage):
+            return storage
+        wanted = AsyncRateLimitStorage if self._is_async else RateLimitStorage
+        if hasattr(storage, "register_script"):  # a redis-py client
+            if is_async_client(storage) != self._is_async:
+                kind = "redis.asyncio" if self._is_async else "blocking redis"
+                raise ConfigurationError(f"{type(self).__name__} needs a {kind} client")
+            return (
+                AsyncRedisRateLimitStorage(storage)
+                if self._is_async
+                else RedisRateLimitStorage(storage)
+            )
+        if isinstance(storage, wanted) and (
+            inspect.iscoroutinefunction(storage.hit) == self._is_async
+        ):
+            return storage
+        raise ConfigurationError(f"not a rate-limit storage for {type(self).__name__}: {storage!r}")
+
+    # --- requests ----------------------------------------------------------------------
+
+    def storage_key(self, key: str) -> str:
+        """The storage key of ``key``: prefixed, hash-tagged for Redis Cluster, size-bounded.
+
+        Args:
+            key: the principal (a user id, an IP, ``"global"``...).
+
+        Returns:
+            ``<prefix>:rl:{<key>}``; keys over 200 characters are replaced by their SHA-256.
+
+        Raises:
+            ConfigurationError: ``key`` is not a string.
+        """
+        if not isinstance(key, str):
+            raise ConfigurationError(f"rate-limit key must be a string, not {type(key).__name__}")
+        if len(key) > _MAX_KEY_CHARS:
+            key = "sha256:" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+        return f"{self.key_prefix}:rl:{{{key}}}"
+
+    def limits_for(self, tier: str | None) -> tuple[RateLimit, ...] | None:
+        """The limits that apply to ``tier`` (``None``: unlimited). Unknown tiers get the base."""
+        if tier is None:
+            return self.limits
+        return self.tiers.get(tier, self.limits)
+
+    def _request(self, key: str, cost: int, tier: str | None, peek: bool) -> HitRequest | None:
+        if not isinstance(cost, int) or isinstance(cost, bool) or cost < 1:
+            raise ConfigurationError(f"cost must be a positive integer, not {cost!r}")
+        limits = self.limits_for(tier)
+        if limits is None:
+            return None
+        return HitRequest(
+            key=self.storage_key(key),
+            limits=limits,
+            strategy=self._code,
+            cost=cost,
+            block_for=self.block_for,
+            peek=peek,
+        )
+
+    # --- outcomes ----------------------------------------------------------------------
+
+    def _cached_block(self, key: str, request: HitRequest) -> RateLimitDecision | None:
+        if not self._blocked:
+            return None
+        until = self._blocked.get(request.key)
+        if until is None:
+            return None
+        left = until - self.clock.monotonic()
+        if left <= 0:
+            with self._blocked_lock:
+                self._blocked.pop(request.key, None)
+            return None
+        states = tuple(RateLimitState(limit, 0, left, left) for limit in request.limits)
+        result = HitResult(False, states, self.clock.time(), blocked_for=left)
+        decision = RateLimitDecision.from_result(key, result)
+        return self._report(decision, request)
+
+    def _remember_block(self, request: HitRequest, seconds: float) -> None:
+        now = self.clock.monotonic()
+        with self._blocked_lock:
+            if len(self._blocked) >= _BLOCK_CACHE_MAX:
+                for stale in [k for k, until in self._blocked.items() if until <= now]:
+                    del self._blocked[stale]
+                if len(self._blocked) >= _BLOCK_CACHE_MAX:
+                    self._blocked.clear()  # a flood of blocked keys: the store still knows
+            self._blocked[request.key] = now + seconds
+
+    def _finish(self, key: str, request: HitRequest, result: HitResult) -> RateLimitDecision:
+        decision = RateLimitDecision.from_result(key, result)
+        if decision.blocked and not request.peek:
+            # until then every hit is refused anyway: answer it here without a round trip
+            self._remember_block(request, decision.retry_after or result.blocked_for)
+        return self._report(decision, request)
+
+    def _report(self, decision: RateLimitDecision, request: HitRequest) -> RateLimitDecision:
+        if self.metrics is not None and not request.peek:
+            if decision.error:
+                outcome = "error"
+            elif decision.blocked:
+                outcome = "blocked"
+            else:
+                outcome = "allowed" if decision.allowed else "denied"
+            self.metrics.rate_limit_decision(self.name, outcome)
+        return decision
+
+    def _backend_failed(self, exc: BaseException | None) -> None:
+        if exc is not None and self._health.failed():
+            logger.warning(
+                "rate-limit storage failed; on_backend_error=%r until it answers again",
+                self.on_backend_error,
+                exc_info=exc,
+            )
+
+    def _backend_ok(self) -> None:
+        if self._health.succeeded():
+            logger.warning("rate-limit storage answers again")
+
+    def _fallback(self, key: str, request: HitRequest) -> RateLimitDecision:
+        mode = self.on_backend_error
+        now = self.clock.time()
+        if mode == "local":
+            decision = RateLimitDecision.from_result(key, self._local.hit(request))
+        else:
+            limit = min(request.limits, key=lambda limit: limit.window)
+            denied = mode == "deny"
+            decision = RateLimitDecision(
+                allowed=not denied,
+                limit=limit.amount,
+                remaining=0 if denied else limit.amount,
+                reset_after=limit.window,
+                retry_after=self._health.retry_in() if denied else None,
+                key=key,
+                timestamp=now,
+            )
+        return self._report(dataclasses.replace(decision, error=True), request)
+
+    def _forget_locally(self, key: str) -> str:
+        skey = self.storage_key(key)
+        with self._blocked_lock:
+            self._blocked.pop(skey, None)
+        self._local.reset(skey, self._code, self._windows)
+        return skey
+
+    def _unlimited(self, key: str) -> RateLimitDecision:
+        return RateLimitDecision.unlimited(key, self.clock.time())
+
+    def _exceeded(self, decision: RateLimitDecision) -> RateLimitExceeded:
+        return RateLimitExceeded(
+            decision.key,
+            decision.retry_after or 0.0,
+            limit=f"{decision.limit}" if decision.limit is not None else "",
+            headers=decision.headers(),
+            decision=decision,
+        )
+
+    def _key_of(self, key: KeyArg, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        return key(*args, **kwargs) if callable(key) else key
+
+    def __repr__(self) -> str:
+        limits = ";".join(str(limit) for limit in self.limits)
+        return f"{type(self).__name__}({limits!r}, strategy={self.strategy!r}, name={self.name!r})"
+
+
+class RateLimiter(_LimiterBase):
+    """A blocking rate limiter: sliding windows, tiers, blocking, bypass-friendly keys.
+
+    Args:
+        limits: ``"30/minute"``, ``"30/minute;500/hour"``, a list of those, or parsed ``limits``
+            items. Several limits on one key are checked all-or-nothing: a denied hour limit
+            does not consume the minute limit.
+        storage: ``"memory://"`` (default), a ``redis://``, ``rediss://``, ``redis+cluster://``
+            or ``redis+sentinel://`` URL, a ``redis.Redis`` / ``RedisCluster`` client, or a
+            :class:`~hardening.ratelimit.RateLimitStorage`.
+        strategy: ``"sliding-window-counter"`` (default; O(1) state, weighted estimate),
+            ``"moving-window"`` (exact log: never more than N in any window) or
+            ``"fixed-window"``.
+        block_for: seconds (or a timedelta) a key stays blocked once it exceeds a limit.
+            Blocked keys are also remembered in process, so they cost no round trip.
+        on_backend_error: when the storage fails: ``"allow"`` (fail open, the default),
+            ``"deny"`` (fail closed) or ``"local"`` (an in-process limiter until the storage
+            answers again, re-probed with backoff from 0.5 s to 30 s). Never raises.
+        key_prefix: prefix of every storage key.
+        clock: the clock for the memory storage and the block cache.
+        tiers: tier name to a multiplier of ``limits``, explicit limits, or ``None`` /
+            ``"unlimited"``. Counters are kept per window, so a tier change keeps them.
+        metrics: a :class:`~hardening.Metrics` registry to count decisions into.
+        name: the limiter's label in metrics.
+
+    Raises:
+        ConfigurationError: a limit, tier, strategy or storage is invalid.
+    """
+
+    def hit(self, key: str, *, cost: int = 1, tier: str | None = None) -> RateLimitDecision:
+        """Check ``key`` and, when every limit allows it, charge ``cost``.
+
+        Args:
+            key: the principal to limit.
+            cost: units this call costs (a positive integer).
+            tier: the principal's tier; ``None`` for the base limits.
+
+        Returns:
+            The decision; never raises for storage failures (see ``on_backend_error``).
+
+        Raises:
+            ConfigurationError: ``key`` is not a string or ``cost`` is not a positive integer.
+        """
+        return self._check(key, cost, tier, peek=False)
+
+    def peek(self, key: str, tier: str | None = None) -> RateLimitDecision:
+        """Return what a hit of cost 1 would decide now, without charging anything.
+
+        Args:
+            key: the principal.
+            tier: its tier.
+
+        Returns:
+            The decision.
+        """
+        return self._check(key, 1, tier, peek=True)
+
+    def _check(self, key: str, cost: int, tier: str | None, *, peek: bool) -> RateLimitDecision:
+        request = self._request(key, cost, tier, peek)
+        if request is None:
+            return self._unlimited(key)
+        cached = self._cached_block(key, request)
+        if cached is not None:
+            return cached
+        if not self._health.usable():
+            return self._fallback(key, request)
+        storage: RateLimitStorage = self._storage
+        try:
+            result = storage.hit(request)
+        except Exception as exc:  # any storage failure is handled by on_backend_error
+            self._backend_failed(exc)
+            return self._fallback(key, request)
+        self._backend_ok()
+        return self._finish(key, request, result)
+
+    def reset(self, key: str) -> None:
+        """Forget ``key``'s counters and any block, in the storage and in this process.
+
+        Args:
+            key: the principal.
+
+        Raises:
+            BackendUnavailable: the storage failed; a reset is an operator action that must
+                not silently do nothing.
+        """
+        skey = self._forget_locally(key)
+        storage: RateLimitStorage = self._storage
+        try:
+            storage.reset(skey, self._code, self._windows)
+        except Exception as exc:
+            raise BackendUnavailable("rate-limit storage", str(exc)) from exc
+
+    def close(self) -> None:
+        """Close the Redis client if the limiter built it from a URL (idempotent)."""
+        close = getattr(self._storage, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def limit(
+        self, key: KeyArg, *, cost: int = 1, tier: str | None = None
+    ) -> Callable[[Callable[P, R]], Callable[P, R]]:
+        """Decorate a sync or async function so each call is rate limited.
+
+        Args:
+            key: a fixed key, or a callable given the function's arguments that returns one.
+            cost: units each call costs.
+            tier: the tier to apply.
+
+        Returns:
+            The decorator. A denied call raises :class:`~hardening.RateLimitExceeded` carrying
+            the decision, ``retry_after`` and the headers.
+        """
+
+        def decorate(func: Callable[P, R]) -> Callable[P, R]:
+            if inspect.iscoroutinefunction(func):
+                afunc = cast(Callable[P, Awaitable[Any]], func)
+
+                @functools.wraps(func)
+                async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+                    decision = self.hit(self._key_of(key, args, kwargs), cost=cost, tier=tier)
+                    if not decision.allowed:
+                        raise self._exceeded(decision)
+                    return await afunc(*args, **kwargs)
+
+                return cast(Callable[P, R], async_wrapper)
+
+            @functools.wraps(func)
+            def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+                decision = self.hit(self._key_of(key, args, kwargs), cost=cost, tier=tier)
+                if not decision.allowed:
+                    raise self._exceeded(decision)
+                return func(*args, **kwargs)
+
+            return wrapper
+
+        return decorate
+
+
+class AsyncRateLimiter(_LimiterBase):
+    """The asyncio twin of :class:`RateLimiter`: same options, same decisions, awaitable I/O.
+
+    It never blocks the event loop: Redis is reached through ``redis.asyncio``; the memory
+    storage only computes. Takes the same arguments as :class:`RateLimiter`, with
+    ``redis.asyncio`` clients in place of blocking ones.
+    """
+
+    _is_async = True
+
+    async def hit(self, key: str, *, cost: int = 1, tier: str | None = None) -> RateLimitDecision:
+        """Check ``key`` and, when every limit allows it, charge ``cost``.
+
+        Args:
+            key: the principal to limit.
+            cost: units this call costs (a positive integer).
+            tier: the principal's tier; ``None`` for the base limits.
+
+        Returns:
+            The decision; never raises for storage failures (see ``on_backend_error``).
+
+        Raises:
+            ConfigurationError: ``key`` is not a string or ``cost`` is not a positive integer.
+        """
+        return await self._check(key, cost, tier, peek=False)
+
+    async def peek(self, key: str, tier: str | None = None) -> RateLimitDecision:
+        """Return what a hit of cost 1 would decide now, without charging anything.
+
+        Args:
+            key: the principal.
+            tier: its tier.
+
+        Returns:
+            The decision.
+        """
+        return await self._check(key, 1, tier, peek=True)
+
+    async def _check(
+        self, key: str, cost: int, tier: str | None, *, peek: bool
+    ) -> RateLimitDecision:
+        request = self._request(key, cost, tier, peek)
+        if request is None:
+            return self._unlimited(key)
+        cached = self._cached_block(key, request)
+        if cached is not None:
+            return cached
+        if not self._health.usable():
+            return self._fallback(key, request)
+        storage = self._storage
+        try:
+            if isinstance(storage, MemoryRateLimitStorage):
+                result = storage.hit(request)
+            else:
+                result = await cast(AsyncRateLimitStorage, storage).hit(request)
+        except Exception as exc:  # any storage failure is handled by on_backend_error
+            self._backend_failed(exc)
+            return self._fallback(key, request)
+        self._backend_ok()
+        return self._finish(key, request, result)
+
+    async def reset(self, key: str) -> None:
+        """Forget ``key``'s counters and any block, in the storage and in this process.
+
+        Args:
+            key: the principal.
+
+        Raises:
+            BackendUnavailable: the storage failed.
+        """
+        skey = self._forget_locally(key)
+        storage = self._storage
+        try:
+            if isinstance(storage, MemoryRateLimitStorage):
+                storage.reset(skey, self._code, self._windows)
+            else:
+                await cast(AsyncRateLimitStorage, storage).reset(skey, self._code, self._windows)
+        except Exception as exc:
+            raise BackendUnavailable("rate-limit storage", str(exc)) from exc
+
+    async def aclose(self) -> None:
+        """Close the Redis client if the limiter built it from a URL (idempotent)."""
+        aclose = getattr(self._storage, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def limit(
+        self, key: KeyArg, *, cost: int = 1, tier: str | None = None
+    ) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
+        """Decorate an ``async def`` function so each call is rate limited.
+
+        Args:
+            key: a fixed key, or a callable given the function's arguments that returns one.
+            cost: units each call costs.
+            tier: the tier to apply.
+
+        Returns:
+            The decorator. A denied call raises :class:`~hardening.RateLimitExceeded`.
+
+        Raises:
+            ConfigurationError: when applied to a plain (non-async) function.
+        """
+
+        def decorate(func: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+            if not inspect.iscoroutinefunction(func):
+                raise ConfigurationError(
+                    "AsyncRateLimiter.limit decorates async functions; use RateLimiter for sync"
+                )
+
+            @functools.wraps(func)
+            async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+                decision = await self.hit(self._key_of(key, args, kwargs), cost=cost, tier=tier)
+                if not decision.allowed:
+                    raise self._exceeded(decision)
+                return await func(*args, **kwargs)
+
+            return wrapper
+
+        return decorate
