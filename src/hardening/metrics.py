@@ -485,6 +485,9 @@ class HttpRequestTimer:
     :meth:`finish` takes it out again and records the duration in
     ``http_server_request_duration_seconds``. Adapters call ``finish`` in a ``finally`` block;
     a second call does nothing, so a request is never counted twice.
+
+    Attributes:
+        duration: the request's duration in seconds once finished, else ``None``.
     """
 
     __slots__ = ("_active", "_method", "_metrics", "_start", "duration")

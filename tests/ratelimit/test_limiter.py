@@ -303,3 +303,36 @@ async def test_async_cluster(redis_cluster_url: str) -> None:
     ) as limiter:
         assert [(await limiter.hit("k")).allowed for _ in range(3)] == [True, True, False]
         await limiter.reset("k")
+
+
+# --- metrics ----------------------------------------------------------------------------
+
+
+def test_decisions_are_counted_by_outcome(
+    dying_redis: RedisServer, limiter_on: Callable[[RedisServer, str, FakeClock], RateLimiter]
+) -> None:
+    """With a registry attached, decisions are counted by limiter name and outcome."""
+    from hardening import Metrics
+
+    metrics = Metrics()
+    clock = FakeClock()
+    limiter = RateLimiter("2/minute", block_for=60, metrics=metrics, name="saves", clock=clock)
+    for _ in range(4):
+        limiter.hit("u")
+    limiter.peek("u")  # peeks are not decisions
+    broken = RateLimiter(
+        "2/minute", storage=dying_redis.url, metrics=metrics, name="broken", clock=clock
+    )
+    dying_redis.kill()
+    broken.hit("u")
+    broken.close()
+
+    def count(name: str, outcome: str) -> float | None:
+        return metrics.registry.get_sample_value(
+            "hardening_rate_limit_decisions_total", {"limiter": name, "outcome": outcome}
+        )
+
+    assert count("saves", "allowed") == 2
+    assert count("saves", "blocked") == 2  # the refusal that starts the block, then cached
+    assert count("saves", "denied") is None
+    assert count("broken", "error") == 1
