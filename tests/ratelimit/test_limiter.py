@@ -214,6 +214,7 @@ def test_fail_closed_when_redis_dies(
     assert decision.error
     assert decision.retry_after is not None
     assert decision.retry_after > 0
+    assert decision.headers() == {"Retry-After": "1"}  # a 429 always says when to retry
 
 
 def test_local_fallback_then_recovery(
@@ -228,6 +229,7 @@ def test_local_fallback_then_recovery(
     during = [limiter.hit("k") for _ in range(4)]
     assert [d.allowed for d in during] == [True, True, True, False]
     assert all(d.error for d in during)
+    assert during[-1].headers()["X-RateLimit-Remaining"] == "0"  # real local counts
     dying_redis.start()  # same port, empty
     assert limiter.hit("k").error  # still backing off: Redis not probed yet
     clock.advance(31)
@@ -336,3 +338,34 @@ def test_decisions_are_counted_by_outcome(
     assert count("saves", "blocked") == 2  # the refusal that starts the block, then cached
     assert count("saves", "denied") is None
     assert count("broken", "error") == 1
+
+
+# --- Redis Sentinel ---------------------------------------------------------------------
+
+
+def test_sentinel_url(redis_server_factory: Callable[..., RedisServer], tmp_path: Any) -> None:
+    """A ``redis+sentinel://`` URL finds the master through a real Sentinel."""
+    import subprocess
+
+    from tests.conftest import _wait_for_port, free_port
+
+    master = redis_server_factory()
+    port = free_port()
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(
+        f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+        f"sentinel monitor svc 127.0.0.1 {master.port} 1\n"
+    )
+    sentinel = subprocess.Popen(
+        ["redis-server", str(conf), "--sentinel"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for_port(port)
+        with RateLimiter("2/minute", storage=f"redis+sentinel://127.0.0.1:{port}/svc") as limiter:
+            assert [limiter.hit("k").allowed for _ in range(3)] == [True, True, False]
+            assert not limiter.hit("k").error
+    finally:
+        sentinel.kill()
+        sentinel.wait(timeout=10)

@@ -402,11 +402,13 @@ class RateLimitDecision:
         denied, ``Retry-After`` in whole seconds, never earlier than any ``t`` it advertises.
 
         Returns:
-            Header name to value; empty for unlimited keys and backend-error decisions.
+            Header name to value. Empty for unlimited keys; a decision made without the
+            storage (``error``) sends only ``Retry-After`` when it denies, except in ``"local"``
+            mode, whose in-process counts are real and described in full.
         """
-        if self.limit is None or self.error:
-            return {}
         retry = math.ceil(self.retry_after) if self.retry_after is not None else None
+        if self.limit is None or (self.error and not self.states):
+            return {"Retry-After": str(max(retry, 1))} if retry is not None else {}
         headers = {
             "X-RateLimit-RateLimit": str(self.limit),
             "X-RateLimit-Remaining": str(self.remaining),
