@@ -34,6 +34,22 @@ from hardening.errors import (
 )
 
 if _typing.TYPE_CHECKING:
+    from hardening._backoff import (
+        Backoff,
+    )
+    from hardening.locking import (
+        ConflictEvents,
+        Versioned,
+        VersionedSession,
+        check_if_match,
+        conflict_events,
+        etag_for,
+        if_match_version,
+        on_conflict,
+        retry_on_conflict,
+        update_versioned,
+        update_versioned_async,
+    )
     from hardening.metrics import (
         OTHER_HTTP_METHOD,
         OVERFLOW_LABEL_VALUE,
@@ -78,6 +94,18 @@ except _metadata.PackageNotFoundError:  # running from a source tree that was ne
 
 # Public name -> private module that defines it; imported on first attribute access.
 _LAZY: dict[str, str] = {
+    "Backoff": "hardening._backoff",
+    "ConflictEvents": "hardening.locking",
+    "Versioned": "hardening.locking",
+    "VersionedSession": "hardening.locking",
+    "check_if_match": "hardening.locking",
+    "conflict_events": "hardening.locking",
+    "etag_for": "hardening.locking",
+    "if_match_version": "hardening.locking",
+    "on_conflict": "hardening.locking",
+    "retry_on_conflict": "hardening.locking",
+    "update_versioned": "hardening.locking",
+    "update_versioned_async": "hardening.locking",
     "AsyncRateLimitStorage": "hardening.ratelimit",
     "AsyncRateLimiter": "hardening.ratelimit",
     "AsyncRedisRateLimitStorage": "hardening.ratelimit",
@@ -119,9 +147,11 @@ __all__ = [  # noqa: RUF022
     "AsyncRedisRateLimitStorage",
     "BackendErrorMode",
     "BackendUnavailable",
+    "Backoff",
     "Clock",
     "ConfigurationError",
     "ConflictError",
+    "ConflictEvents",
     "FakeClock",
     "GuardedCounter",
     "GuardedGauge",
@@ -159,14 +189,24 @@ __all__ = [  # noqa: RUF022
     "TrustedProxies",
     "UNMATCHED_ROUTE",
     "UnsupportedMediaType",
+    "Versioned",
+    "VersionedSession",
     "__version__",
+    "check_if_match",
     "client_ip",
+    "conflict_events",
+    "etag_for",
     "first_key",
     "global_key",
     "gunicorn_child_exit",
+    "if_match_version",
     "ip_key",
     "joined_key",
     "mark_process_dead",
+    "on_conflict",
+    "retry_on_conflict",
+    "update_versioned",
+    "update_versioned_async",
     "user_key",
     "wipe_multiprocess_dir",
 ]

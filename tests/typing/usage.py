@@ -84,3 +84,49 @@ metrics.job_finished("indexing", "succeeded", 0.5)
 metrics_body, metrics_type = metrics.render("application/openmetrics-text")
 scrape_body: bytes = metrics_body
 scrape_headers: dict[str, str] = metrics.render_response(None, "gzip")[1]
+
+# --- optimistic locking ----------------------------------------------------------------
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from hardening import (
+    Backoff,
+    ConflictError,
+    Versioned,
+    check_if_match,
+    etag_for,
+    if_match_version,
+    on_conflict,
+    retry_on_conflict,
+    update_versioned,
+)
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class Doc(Versioned, _Base):
+    __tablename__ = "docs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    body: Mapped[str]
+
+
+def save_doc(conn: sa.Connection, version: int) -> int:
+    return update_versioned(conn, Doc, 1, version, {"body": "new"})
+
+
+@retry_on_conflict(attempts=5, backoff=Backoff(base=0.01))
+def save_with_retry(conn: sa.Connection) -> int:
+    current: int = conn.execute(sa.select(Doc.version).where(Doc.id == 1)).scalar_one()
+    return save_doc(conn, current)
+
+
+def broadcast(error: ConflictError) -> None:
+    print(error.entity, error.current_version)
+
+
+unsubscribe = on_conflict(broadcast)
+tag: str = etag_for(3)
+check_if_match(tag, 3, required=True)
+base: int | None = if_match_version(tag)

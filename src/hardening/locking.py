@@ -1,0 +1,577 @@
+"""Optimistic locking for SQLAlchemy: versioned rows, one-statement saves, retries, ETag/If-Match.
+
+A save names the version it was based on; the database applies it only if that is still the
+current version, in the same statement that bumps it, so two concurrent saves can never both
+win and a lost update becomes a :class:`~hardening.ConflictError` instead of silent data loss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import random
+import re
+import threading
+import time
+from collections.abc import Awaitable, Callable, Hashable, Mapping
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
+
+from hardening._backoff import Backoff
+from hardening._imports import require
+from hardening.errors import (
+    ConfigurationError,
+    ConflictError,
+    NotFoundError,
+    PreconditionFailed,
+    PreconditionRequired,
+)
+
+require("sqlalchemy", extra="sqlalchemy", feature="optimistic locking")
+
+import sqlalchemy as sa  # noqa: E402
+from sqlalchemy.orm import (  # noqa: E402
+    Mapped,
+    Session,
+    attributes,
+    declared_attr,
+    mapped_column,
+)
+from sqlalchemy.orm.exc import StaleDataError  # noqa: E402
+
+if TYPE_CHECKING:
+    from hardening.metrics import Metrics
+
+__all__ = [
+    "ConflictEvents",
+    "Versioned",
+    "VersionedSession",
+    "check_if_match",
+    "conflict_events",
+    "etag_for",
+    "if_match_version",
+    "on_conflict",
+    "retry_on_conflict",
+    "update_versioned",
+    "update_versioned_async",
+]
+
+logger = logging.getLogger("hardening.locking")
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# --- the version column ------------------------------------------------------------------
+
+
+class Versioned:
+    """Declarative mixin: a non-null integer ``version`` column, starting at 1.
+
+    It is also the mapper's ``version_id_col``, so ORM flushes of changed rows are checked too:
+    an ``UPDATE`` that finds another version raises (use :class:`VersionedSession` to get a
+    :class:`~hardening.ConflictError` rather than SQLAlchemy's ``StaleDataError``).
+
+    Example::
+
+        class Page(Versioned, Base):
+            __tablename__ = "pages"
+            id: Mapped[int] = mapped_column(primary_key=True)
+    """
+
+    version: Mapped[int] = mapped_column(
+        sa.Integer, nullable=False, default=1, server_default=sa.text("1")
+    )
+
+    @declared_attr.directive
+    def __mapper_args__(cls) -> dict[str, Any]:
+        return {"version_id_col": cls.__table__.c.version}  # type: ignore[attr-defined]
+
+
+# --- conflict events ---------------------------------------------------------------------
+
+ConflictListener = Callable[[ConflictError], object]
+
+
+class ConflictEvents:
+    """Listeners told about every conflict (e.g. to broadcast it to collaborators).
+
+    A listener that raises is logged and skipped: it never hides the conflict from the caller.
+    """
+
+    def __init__(self) -> None:
+        self._listeners: list[ConflictListener] = []
+        self._lock = threading.Lock()
+
+    def subscribe(self, listener: ConflictListener) -> Callable[[], None]:
+        """Register ``listener``; return a function that unregisters it.
+
+        Args:
+            listener: called with the :class:`~hardening.ConflictError` (entity, key, expected
+                and current versions).
+
+        Returns:
+            The unsubscribe function.
+        """
+        with self._lock:
+            self._listeners.append(listener)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if listener in self._listeners:
+                    self._listeners.remove(listener)
+
+        return unsubscribe
+
+    def emit(self, error: ConflictError) -> None:
+        """Call every listener with ``error``."""
+        for listener in list(self._listeners):
+            try:
+                listener(error)
+            except Exception:
+                logger.exception("conflict listener %r failed", listener)
+
+
+conflict_events = ConflictEvents()
+"""The default listeners, used unless a call passes its own ``events=``."""
+
+
+def on_conflict(listener: ConflictListener) -> Callable[[], None]:
+    """Subscribe ``listener`` to the default :data:`conflict_events`; return the unsubscriber."""
+    return conflict_events.subscribe(listener)
+
+
+def _report(
+    error: ConflictError, metrics: Metrics | None, events: ConflictEvents | None
+) -> ConflictError:
+    if metrics is not None:
+        metrics.lock_conflict(error.entity)
+    (events or conflict_events).emit(error)
+    return error
+
+
+# --- one-statement saves -----------------------------------------------------------------
+
+Executor = Session | sa.Connection
+
+
+class _Model:
+    """What a versioned update needs to know of a mapped class, worked out once per class."""
+
+    def __init__(self, model: type[Any]) -> None:
+        mapper = sa.inspect(model, raiseerr=False)
+        if mapper is None or not hasattr(mapper, "version_id_col"):
+            raise ConfigurationError(f"{model!r} is not a mapped class")
+        if mapper.version_id_col is None:
+            raise ConfigurationError(f"{model.__name__} has no version column: mix in Versioned")
+        self.model = model
+        self.entity = model.__name__
+        self.table = mapper.local_table
+        self.version_col = mapper.version_id_col
+        self.version_key = mapper.get_property_by_column(self.version_col).key
+        self.pk_cols = list(mapper.primary_key)
+        self.pk_keys = {mapper.get_property_by_column(c).key for c in self.pk_cols}
+        self.columns = {prop.key: prop.columns[0] for prop in mapper.column_attrs}
+        self.where = sa.and_(
+            *(col == sa.bindparam(f"_pk{i}", type_=col.type) for i, col in enumerate(self.pk_cols))
+        )
+        self.current = sa.select(self.version_col).where(self.where)
+
+    @functools.cache  # noqa: B019 - one entry per (model, set of columns), models live forever
+    def update(self, names: tuple[str, ...], returning: bool) -> sa.Update:
+        """The UPDATE for these attribute names, with bind parameters; built once."""
+        for name in names:
+            if name not in self.columns:
+                raise ConfigurationError(f"{self.entity} has no column attribute {name!r}")
+            if name == self.version_key:
+                raise ConfigurationError("the version is bumped by update_versioned, not set")
+            if name in self.pk_keys:
+                raise ConfigurationError(f"{name!r} is the primary key; it cannot be updated")
+        values: dict[Any, Any] = {
+            self.columns[name]: sa.bindparam(f"_v_{name}", type_=self.columns[name].type)
+            for name in names
+        }
+        values[self.version_col] = self.version_col + 1
+        stmt = (
+            sa.update(self.table)
+            .where(self.where, self.version_col == sa.bindparam("_expected"))
+            .values(values)
+        )
+        return stmt.returning(self.version_col) if returning else stmt
+
+
+@functools.cache
+def _model(model: Hashable) -> _Model:
+    return _Model(cast(type[Any], model))
+
+
+class _Plan:
+    """One versioned update: the cached statements plus this call's parameters."""
+
+    def __init__(self, model: type[Any], pk: object, expected: int, values: Mapping[str, object]):
+        if isinstance(expected, bool) or not isinstance(expected, int):
+            raise ConfigurationError(f"expected_version must be an int, not {expected!r}")
+        info = _model(cast(Hashable, model))
+        pk_values = pk if isinstance(pk, tuple) else (pk,)
+        if len(pk_values) != len(info.pk_cols):
+            raise ConfigurationError(f"{info.entity} has a {len(info.pk_cols)}-column primary key")
+        self.info = info
+        self.entity = info.entity
+        self.pk = pk
+        self.expected = expected
+        self.values = dict(values)
+        self.names = tuple(sorted(self.values))
+        self.key_params = {f"_pk{i}": value for i, value in enumerate(pk_values)}
+        self.params = {
+            **self.key_params,
+            "_expected": expected,
+            **{f"_v_{name}": value for name, value in self.values.items()},
+        }
+
+    def update(self, returning: bool) -> sa.Update:
+        return self.info.update(self.names, returning)
+
+    def current(self) -> sa.Select[Any]:
+        return self.info.current
+
+    def failure(self, current: int | None) -> ConflictError | NotFoundError:
+        if current is None:
+            return NotFoundError(self.entity, self.pk)
+        return ConflictError(
+            self.entity, self.pk, expected_version=self.expected, current_version=current
+        )
+
+    def synchronise(self, executor: object, new_version: int) -> None:
+        """Keep a loaded ORM instance in step with the row, without another query."""
+        session = executor.sync_session if hasattr(executor, "sync_session") else executor
+        if not isinstance(session, Session) or not session.identity_map:
+            return
+        key = session.identity_key(self.info.model, self.pk)
+        instance = session.identity_map.get(key)
+        if instance is None:
+            return
+        for name, value in {**self.values, self.info.version_key: new_version}.items():
+            attributes.set_committed_value(instance, name, value)
+
+
+def _returning(executor: Any) -> bool:
+    """Whether the executor's database can ``UPDATE … RETURNING`` (sessions lack .dialect)."""
+    dialect = getattr(executor, "dialect", None) or executor.get_bind().dialect
+    return bool(dialect.update_returning)
+
+
+def update_versioned(
+    session: Session | sa.Connection,
+    model: type[Any],
+    pk: object,
+    expected_version: int,
+    values: Mapping[str, object],
+    *,
+    metrics: Metrics | None = None,
+    events: ConflictEvents | None = None,
+) -> int:
+    """Update one row if, and only if, it is still at ``expected_version``; bump the version.
+
+    One statement, ``UPDATE … SET …, version = version + 1 WHERE pk = :pk AND version =
+    :expected RETURNING version`` (on a database without ``UPDATE … RETURNING`` the row count
+    tells instead, still one round trip). It runs in the caller's transaction and does not
+    commit. A loaded ORM instance of the row is updated in memory, so a later flush agrees.
+
+    Args:
+        session: a ``Session`` or ``Connection``.
+        model: the mapped class (it must mix in :class:`Versioned` or set ``version_id_col``).
+        pk: the primary key (a tuple for composite keys).
+        expected_version: the version the change was based on.
+        values: attribute name to new value.
+        metrics: a registry to count conflicts into (``hardening_lock_conflicts_total``).
+        events: the listeners to tell about a conflict (default: :data:`conflict_events`).
+
+    Returns:
+        The new version (``expected_version + 1``).
+
+    Raises:
+        ConflictError: the row is at another version (both versions attached).
+        NotFoundError: the row does not exist.
+        ConfigurationError: the model, key or values are not usable.
+    """
+    plan = _Plan(model, pk, expected_version, values)
+    if _returning(session):
+        new = session.execute(plan.update(True), plan.params).scalar_one_or_none()
+    else:
+        result = cast(sa.CursorResult[Any], session.execute(plan.update(False), plan.params))
+        new = expected_version + 1 if result.rowcount == 1 else None
+    if new is None:
+        current = session.execute(plan.current(), plan.key_params).scalar_one_or_none()
+        failure = plan.failure(current)
+        if isinstance(failure, ConflictError):
+            raise _report(failure, metrics, events)
+        raise failure
+    plan.synchronise(session, new)
+    return int(new)
+
+
+async def update_versioned_async(
+    session: Any,
+    model: type[Any],
+    pk: object,
+    expected_version: int,
+    values: Mapping[str, object],
+    *,
+    metrics: Metrics | None = None,
+    events: ConflictEvents | None = None,
+) -> int:
+    """The asyncio twin of :func:`update_versioned`, for ``AsyncSession`` / ``AsyncConnection``.
+
+    Args:
+        session: an ``AsyncSession`` or ``AsyncConnection``.
+        model: the mapped class.
+        pk: the primary key.
+        expected_version: the version the change was based on.
+        values: attribute name to new value.
+        metrics: a registry to count conflicts into.
+        events: the listeners to tell about a conflict.
+
+    Returns:
+        The new version.
+
+    Raises:
+        ConflictError: the row is at another version.
+        NotFoundError: the row does not exist.
+        ConfigurationError: the model, key or values are not usable.
+    """
+    plan = _Plan(model, pk, expected_version, values)
+    if _returning(session):
+        new = (await session.execute(plan.update(True), plan.params)).scalar_one_or_none()
+    else:
+        result = await session.execute(plan.update(False), plan.params)
+        new = expected_version + 1 if result.rowcount == 1 else None
+    if new is None:
+        current = (await session.execute(plan.current(), plan.key_params)).scalar_one_or_none()
+        failure = plan.failure(current)
+        if isinstance(failure, ConflictError):
+            raise _report(failure, metrics, events)
+        raise failure
+    plan.synchronise(session, new)
+    return int(new)
+
+
+class VersionedSession(Session):
+    """A ``Session`` whose stale versioned flushes raise :class:`~hardening.ConflictError`.
+
+    SQLAlchemy raises ``StaleDataError`` when a flush of a versioned row updates nothing;
+    this session raises our ``ConflictError`` (``from`` the original) naming the entity, its
+    key and the version the session held. Use it as ``sessionmaker(engine,
+    class_=VersionedSession)``, or ``async_sessionmaker(engine,
+    sync_session_class=VersionedSession)`` for asyncio.
+    """
+
+    def flush(self, objects: Any = None) -> None:
+        """Flush, turning a stale versioned update into a ``ConflictError``."""
+        held = [_held_version(obj) for obj in self.dirty]
+        try:
+            super().flush(objects)
+        except StaleDataError as exc:
+            raise _stale_to_conflict(exc, [h for h in held if h is not None]) from exc
+
+
+def _held_version(obj: object) -> tuple[str, object, int | None] | None:
+    """(entity, key, version this session holds) of a versioned instance, read without I/O."""
+    state = sa.inspect(obj)
+    mapper = state.mapper
+    if mapper.version_id_col is None:
+        return None
+    identity = state.identity
+    key = identity[0] if identity and len(identity) == 1 else identity
+    version_key = mapper.get_property_by_column(mapper.version_id_col).key
+    return mapper.class_.__name__, key, state.dict.get(version_key)
+
+
+def _stale_to_conflict(
+    exc: StaleDataError, held: list[tuple[str, object, int | None]]
+) -> ConflictError:
+    if len(held) == 1:  # the only versioned row in the flush is the stale one
+        entity, key, version = held[0]
+    else:
+        table = re.search(r"on table '([^']+)'", str(exc))
+        entity, key, version = (table.group(1) if table else "row"), None, None
+    error = ConflictError(entity, key, expected_version=version, current_version=None)
+    return _report(error, None, None)
+
+
+# --- retries -----------------------------------------------------------------------------
+
+_CONFLICT_BACKOFF = Backoff(base=0.01, cap=0.5)
+
+
+def retry_on_conflict(
+    attempts: int = 3,
+    backoff: Backoff | float | timedelta = _CONFLICT_BACKOFF,
+    *,
+    sleep: Callable[[float], object] | None = None,
+    async_sleep: Callable[[float], Awaitable[object]] | None = None,
+    rng: random.Random | None = None,
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Retry a read-modify-write function when it loses a race.
+
+    The decorated function must re-read what it changes on each call (it is simply called
+    again); between attempts it waits an exponential backoff with full jitter. When attempts
+    run out, the last :class:`~hardening.ConflictError` is raised.
+
+    Args:
+        attempts: total calls, at least 1.
+        backoff: a :class:`Backoff`, or the first wait's ceiling in seconds.
+        sleep: how to wait in sync functions (default :func:`time.sleep`).
+        async_sleep: how to wait in async functions (default :func:`asyncio.sleep`).
+        rng: the random source for jitter.
+
+    Returns:
+        The decorator, for sync and async functions alike.
+
+    Raises:
+        ConfigurationError: ``attempts`` is below 1.
+    """
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+        raise ConfigurationError(f"attempts must be a positive integer, not {attempts!r}")
+    policy = Backoff.of(backoff)
+    do_sleep = sleep or time.sleep
+    do_async_sleep = async_sleep or asyncio.sleep
+
+    def decorate(func: Callable[P, R]) -> Callable[P, R]:
+        if inspect.iscoroutinefunction(func):
+            afunc = cast(Callable[P, Awaitable[Any]], func)
+
+            @functools.wraps(func)
+            async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+                for attempt in range(1, attempts):
+                    try:
+                        return await afunc(*args, **kwargs)
+                    except ConflictError:
+                        await do_async_sleep(policy.delay(attempt, rng))
+                return await afunc(*args, **kwargs)  # the last attempt's conflict propagates
+
+            return cast(Callable[P, R], async_wrapper)
+
+        @functools.wraps(func)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            for attempt in range(1, attempts):
+                try:
+                    return func(*args, **kwargs)
+                except ConflictError:
+                    do_sleep(policy.delay(attempt, rng))
+            return func(*args, **kwargs)  # the last attempt's conflict propagates
+
+        return wrapper
+
+    return decorate
+
+
+# --- HTTP: ETag and If-Match (RFC 9110 §8.8.3, §13.1.1; RFC 6585 §3) ---------------------
+
+_ETAG = re.compile(r'\s*(W/)?"([\x21\x23-\x7e\x80-\xff]*)"\s*')
+_MAX_IF_MATCH = 8192
+
+
+def etag_for(version: int) -> str:
+    """The strong entity tag of a version, e.g. ``'"v3"'``.
+
+    Args:
+        version: the row's version.
+
+    Returns:
+        The quoted tag, ready for an ``ETag`` header.
+
+    Raises:
+        ConfigurationError: ``version`` is not a non-negative integer.
+    """
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise ConfigurationError(f"a version is a non-negative integer, not {version!r}")
+    return f'"v{version}"'
+
+
+def _parse_if_match(header: str) -> list[tuple[bool, str]] | None:
+    """Return ``None`` for ``*``, else (weak, opaque-tag) pairs; raise on malformed input."""
+    if len(header) > _MAX_IF_MATCH:
+        raise PreconditionFailed(header[:64] + "...", reason="malformed")
+    if header.strip() == "*":
+        return None
+    tags: list[tuple[bool, str]] = []
+    for part in _split_tags(header):
+        match = _ETAG.fullmatch(part)
+        if match is None:
+            raise PreconditionFailed(header, reason="malformed")
+        tags.append((match.group(1) is not None, match.group(2)))
+    if not tags:
+        raise PreconditionFailed(header, reason="malformed")
+    return tags
+
+
+def _split_tags(header: str) -> list[str]:
+    # commas may appear inside quotes: split only outside them
+    parts: list[str] = []
+    current: list[str] = []
+    quoted = False
+    for char in header:
+        if char == '"':
+            quoted = not quoted
+        if char == "," and not quoted:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return [p for p in parts if p.strip()]
+
+
+def check_if_match(header: str | None, current_version: int, *, required: bool = False) -> None:
+    """Enforce ``If-Match`` against the current version (RFC 9110 §13.1.1).
+
+    ``*`` matches (the resource exists); otherwise one of the listed entity tags must equal
+    :func:`etag_for` of ``current_version`` by strong comparison (weak tags never match).
+
+    Args:
+        header: the ``If-Match`` value, or ``None`` when absent.
+        current_version: the resource's current version.
+        required: whether a missing header is an error (RFC 6585 428).
+
+    Raises:
+        PreconditionRequired: the header is missing and ``required`` (HTTP 428).
+        PreconditionFailed: the header is malformed (``reason="malformed"``) or matches no
+            current tag (``reason="stale"``) (HTTP 412).
+    """
+    if header is None or header.strip() == "":
+        if required:
+            raise PreconditionRequired("If-Match")
+        return
+    tags = _parse_if_match(header)
+    if tags is None:
+        return
+    current = etag_for(current_version)[1:-1]
+    if not any(not weak and tag == current for weak, tag in tags):
+        raise PreconditionFailed(header, etag_for(current_version), reason="stale")
+
+
+def if_match_version(header: str | None, *, required: bool = True) -> int | None:
+    """The version an ``If-Match`` header names, to use as a save's base version.
+
+    Args:
+        header: the ``If-Match`` value, or ``None``.
+        required: raise :class:`~hardening.PreconditionRequired` when it is missing.
+
+    Returns:
+        The version, or ``None`` when the header is absent (and not required) or ``*``.
+
+    Raises:
+        PreconditionRequired: missing and required.
+        PreconditionFailed: malformed, weak, several tags, or not a tag made by
+            :func:`etag_for`.
+    """
+    if header is None or header.strip() == "":
+        if required:
+            raise PreconditionRequired("If-Match")
+        return None
+    tags = _parse_if_match(header)
+    if tags is None:
+        return None
+    if len(tags) != 1 or tags[0][0] or not re.fullmatch(r"v(0|[1-9][0-9]{0,17})", tags[0][1]):
+        raise PreconditionFailed(header, reason="malformed")
+    return int(tags[0][1][1:])
