@@ -422,3 +422,22 @@ def test_documented_indexes_build_on_postgres(pg_engine: sa.Engine) -> None:
                 "WHERE updated_at > NOW() - INTERVAL '7 days'"
             )
         )
+
+
+class Membership(Versioned, Base):
+    __tablename__ = "memberships"
+    org_id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(primary_key=True)
+    role: Mapped[str] = mapped_column(sa.String(20))
+
+
+def test_composite_primary_key(engine: sa.Engine) -> None:
+    """Composite keys are given as a tuple; a wrong arity is refused."""
+    with engine.begin() as conn:
+        conn.execute(sa.insert(Membership).values(org_id=1, user_id=2, role="member"))
+        assert update_versioned(conn, Membership, (1, 2), 1, {"role": "admin"}) == 2
+        with pytest.raises(ConflictError) as info:
+            update_versioned(conn, Membership, (1, 2), 1, {"role": "owner"})
+        assert info.value.key == (1, 2)
+        with pytest.raises(ConfigurationError):
+            update_versioned(conn, Membership, 1, 2, {"role": "owner"})
