@@ -74,3 +74,85 @@ def test_console_script_runs() -> None:
     )
     assert result.returncode == 0
     assert "show" in result.stdout
+
+
+# --- queue ---------------------------------------------------------------------------------
+
+
+def test_queue_commands_on_sqlite(tmp_path: Any) -> None:
+    """init, stats, dead, requeue, purge and cleanup operate a real SQLite queue."""
+    from hardening.queue.backends.sql import SQLBackend
+    from tests.queue.cli_app import Echo
+
+    url = f"sqlite:///{tmp_path}/q.db"
+    assert _run("queue", "init", "--backend", url) == (0, "ready: SQLBackend\n")
+    backend = SQLBackend(url)
+    proc = Echo(backend, max_attempts=1)
+    proc.enqueue({"fail": True})
+    proc.enqueue({"fail": True})
+    proc.run_until_empty()
+    status, text = _run("queue", "stats", "--backend", url, "--queue", "cli")
+    assert status == 0
+    assert [line.split() for line in text.splitlines() if line.startswith("dead")] == [
+        ["dead", "2"]
+    ]
+    status, text = _run("queue", "dead", "--backend", url, "--queue", "cli")
+    assert "ValueError: asked to fail" in text
+    dead_id = text.split()[0]
+    assert _run("queue", "requeue", "--backend", url, "--queue", "cli", "--id", dead_id)[1] == (
+        "requeued 1 job(s)\n"
+    )
+    assert _run("queue", "purge", "--backend", url, "--queue", "cli")[1] == "purged 1 job(s)\n"
+    assert (
+        _run("queue", "cleanup", "--backend", url, "--queue", "cli", "--older-than", "0")[1]
+        == "deleted 0 finished job(s)\n"
+    )
+    backend.close()
+
+
+def test_worker_command_processes_and_stops_gracefully(tmp_path: Any) -> None:
+    """``hardening worker`` processes jobs and exits 0 on SIGTERM."""
+    import os
+    import signal
+    import time
+    from pathlib import Path
+
+    from hardening.queue.backends.sql import SQLBackend
+    from tests.queue.cli_app import Echo
+
+    url = f"sqlite:///{tmp_path}/w.db"
+    backend = SQLBackend(url)
+    backend.create_schema()
+    for n in range(5):
+        Echo(backend).enqueue({"n": n})
+    log = tmp_path / "echo.log"
+    root = Path(__file__).resolve().parent.parent
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hardening.cli",
+            "worker",
+            "tests.queue.cli_app:Echo",
+            "--backend",
+            url,
+            "--concurrency",
+            "2",
+        ],
+        cwd=root,
+        env={**os.environ, "ECHO_LOG": str(log)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and backend.stats("cli").completed < 5:
+            time.sleep(0.05)
+        assert backend.stats("cli").completed == 5
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        output, _ = worker.communicate(timeout=30)
+    assert worker.returncode == 0
+    assert "worker stopped" in output
+    assert sorted(log.read_text().splitlines()) == [f"{{'n': {n}}}" for n in range(5)]
+    backend.close()

@@ -1,21 +1,29 @@
 """The ``hardening`` command: operate the primitives from a shell.
 
-``hardening ratelimit show KEY`` prints where a key stands; ``hardening ratelimit reset KEY``
-forgets it. Both take ``--storage URL`` (default ``$HARDENING_RATELIMIT_STORAGE`` or
-``memory://``), ``--limit`` (repeatable, ``limits`` notation), ``--strategy`` and ``--prefix``.
+- ``hardening ratelimit show|reset KEY``: where a key stands, or forget it (``--storage URL``,
+  ``--limit``, ``--strategy``, ``--prefix``).
+- ``hardening worker module:Processor --backend URL --concurrency N``: run a queue worker until
+  SIGTERM/SIGINT (graceful: in-flight jobs finish, the rest are released).
+- ``hardening queue init|stats|dead|requeue|purge|cleanup``: operate a queue (``--backend URL``,
+  ``--queue NAME``).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
-from collections.abc import Sequence
-from typing import TextIO
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO, TypeVar
 
 from hardening.errors import HardeningError
 
 __all__ = ["main"]
+
+T = TypeVar("T")
 
 
 def _ratelimit_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -88,6 +96,147 @@ def _ratelimit(args: argparse.Namespace, out: TextIO) -> int:
         return 0
 
 
+def _queue_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    backend_help = "queue backend URL: memory://, sqlite:///…, postgresql+psycopg://…, redis://…"
+    default_backend = os.environ.get("HARDENING_QUEUE_BACKEND", "")
+    worker = sub.add_parser("worker", help="run a queue worker until SIGTERM/SIGINT")
+    worker.add_argument("processor", help="module:ClassName of a QueueProcessor subclass")
+    worker.add_argument(
+        "--backend", default=default_backend, required=not default_backend, help=backend_help
+    )
+    worker.add_argument("--concurrency", type=int, default=None)
+    worker.add_argument("--queue", default=None, help="override the processor's queue name")
+    queue = sub.add_parser("queue", help="inspect and operate a queue")
+    actions = queue.add_subparsers(dest="action", required=True)
+    texts = {
+        "init": "create the SQL table and indexes (SQL backends)",
+        "stats": "jobs per state and the oldest waiting job's age",
+        "dead": "list dead-lettered jobs with their last error",
+        "requeue": "put dead jobs back to waiting (all, or --id ...)",
+        "purge": "delete dead jobs (all, or --id ...)",
+        "cleanup": "delete finished jobs older than --older-than seconds",
+    }
+    for action, text in texts.items():
+        cmd = actions.add_parser(action, help=text)
+        cmd.add_argument(
+            "--backend", default=default_backend, required=not default_backend, help=backend_help
+        )
+        cmd.add_argument("--queue", default="default")
+        if action in ("requeue", "purge"):
+            cmd.add_argument("--id", action="append", dest="ids", help="a job id (repeatable)")
+        if action == "dead":
+            cmd.add_argument("--limit", type=int, default=20)
+        if action == "cleanup":
+            cmd.add_argument(
+                "--older-than", type=float, default=7 * 86400.0, help="seconds (default: 7 days)"
+            )
+
+
+def _with_progress(label: str, work: Callable[[], T], err: TextIO) -> T:
+    """Run ``work`` while a progress line shows elapsed time (long operations on big queues)."""
+    done = threading.Event()
+    start = time.monotonic()
+
+    def show() -> None:
+        frames = "|/-\\"
+        tick = 0
+        while not done.wait(0.2):
+            print(
+                f"\r{label} {frames[tick % 4]} {time.monotonic() - start:5.1f}s",
+                end="",
+                file=err,
+                flush=True,
+            )
+            tick += 1
+
+    spinner = threading.Thread(target=show, daemon=True)
+    spinner.start()
+    try:
+        return work()
+    finally:
+        done.set()
+        spinner.join()
+        if time.monotonic() - start >= 0.2:
+            print(f"\r{label} done in {time.monotonic() - start:.1f}s", file=err)
+
+
+def _worker(args: argparse.Namespace, out: TextIO) -> int:
+    from hardening.queue import QueueProcessor
+
+    module_name, _, class_name = args.processor.partition(":")
+    if not class_name:
+        print("error: the processor is given as module:ClassName", file=sys.stderr)
+        return 2
+    sys.path.insert(0, os.getcwd())
+    cls = getattr(importlib.import_module(module_name), class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, QueueProcessor)):
+        print(f"error: {args.processor} is not a QueueProcessor subclass", file=sys.stderr)
+        return 2
+    options: dict[str, Any] = {}
+    if args.concurrency is not None:
+        options["concurrency"] = args.concurrency
+    if args.queue is not None:
+        options["queue"] = args.queue
+    processor = cls(args.backend, **options)
+    print(
+        f"worker {processor.worker_id}: queue {processor.queue_name!r} on "
+        f"{type(processor.backend).__name__}, concurrency {processor.options.concurrency}",
+        file=out,
+        flush=True,
+    )
+    try:
+        processor.run()
+    finally:
+        processor.close()
+    print("worker stopped", file=out)
+    return 0
+
+
+def _queue(args: argparse.Namespace, out: TextIO) -> int:
+    from hardening.queue import backend_from_url
+
+    backend = backend_from_url(args.backend)
+    try:
+        queue = args.queue
+        if args.action == "init":
+            create = getattr(backend, "create_schema", None)
+            if create is not None:
+                create()
+            print(f"ready: {type(backend).__name__}", file=out)
+        elif args.action == "stats":
+            stats = backend.stats(queue)
+            for name in ("waiting", "delayed", "running", "retrying", "dead", "completed"):
+                print(f"{name:<10} {getattr(stats, name):>10,}", file=out)
+            print(f"{'oldest':<10} {stats.oldest_waiting_age:>9.1f}s", file=out)
+        elif args.action == "dead":
+            jobs = backend.dead_letters(queue, limit=args.limit)
+            for job in jobs:
+                error = job.last_error
+                why = f"{error.type}: {error.message}" if error else "?"
+                print(f"{job.id}  attempts={job.attempts}  {why[:100]}", file=out)
+            print(f"{len(jobs)} dead job(s) shown", file=out)
+        elif args.action == "requeue":
+            count = _with_progress(
+                "requeueing", lambda: backend.requeue_dead(queue, args.ids), sys.stderr
+            )
+            print(f"requeued {count} job(s)", file=out)
+        elif args.action == "purge":
+            count = _with_progress(
+                "purging", lambda: backend.purge_dead(queue, args.ids), sys.stderr
+            )
+            print(f"purged {count} job(s)", file=out)
+        else:
+            count = _with_progress(
+                "cleaning up",
+                lambda: backend.cleanup(queue, older_than=args.older_than),
+                sys.stderr,
+            )
+            print(f"deleted {count} finished job(s)", file=out)
+    finally:
+        backend.close()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int:
     """Run the ``hardening`` command.
 
@@ -101,10 +250,12 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
     parser = argparse.ArgumentParser(prog="hardening", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _ratelimit_parser(sub)
+    _queue_parsers(sub)
     args = parser.parse_args(argv)
     stream = out or sys.stdout
+    handlers = {"ratelimit": _ratelimit, "worker": _worker, "queue": _queue}
     try:
-        return _ratelimit(args, stream)
+        return handlers[args.command](args, stream)
     except HardeningError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

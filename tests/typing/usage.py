@@ -130,3 +130,62 @@ unsubscribe = on_conflict(broadcast)
 tag: str = etag_for(3)
 check_if_match(tag, 3, required=True)
 base: int | None = if_match_version(tag)
+
+# --- block differ ------------------------------------------------------------------------
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from hardening import (
+    AsyncDocumentHistory,
+    ConflictPolicy,
+    DocumentHistory,
+    DocumentVersion,
+    PatchConflict,
+    PatchError,
+    PatchLimits,
+    SnapshotPolicy,
+    apply_patch,
+    diff,
+    diff_blocks,
+    rebase,
+    validate_patch,
+)
+
+old_blocks: list[dict[str, object]] = [{"id": "a", "text": "x"}]
+new_blocks: list[dict[str, object]] = [{"id": "a", "text": "y"}, {"id": "b", "text": ""}]
+block_ops: list[dict[str, object]] = diff_blocks(old_blocks, new_blocks, guards=True)
+page_ops: list[dict[str, object]] = diff({"blocks": old_blocks}, {"blocks": new_blocks})
+patched: list[dict[str, object]] = apply_patch(old_blocks, block_ops, in_place=False)
+page: dict[str, object] = apply_patch({"blocks": old_blocks}, page_ops, limits=PatchLimits())
+checked: list[dict[str, object]] = validate_patch(block_ops, limits=None)
+rebased: list[dict[str, object]] = rebase(page_ops, base={"blocks": old_blocks}, head_patches=[])
+
+try:
+    apply_patch(page, [{"op": "test", "path": "/blocks/0/id", "value": "b"}])
+except PatchConflict as clash:
+    block_id: str | int | float | bool | None = clash.block_id
+    field: str | None = clash.field
+except PatchError as refused:
+    failing: int | None = refused.op_index
+    reason: str = refused.reason
+
+policy: ConflictPolicy = "rebase"
+history = DocumentHistory(
+    sa.create_engine("sqlite://"),
+    snapshots=SnapshotPolicy(every=20, max_patch_bytes=1 << 20, replay_ratio=None),
+    conflict=policy,
+    metrics=metrics,
+)
+history.create_schema()
+first: int = history.create("page", {"blocks": old_blocks})
+second: int = history.save("page", page_ops, base_version=first)
+loaded: DocumentVersion = history.load("page", version=1)
+loaded_content: object = loaded.content
+kept_versions: list[int] = history.versions("page")
+oldest: int = history.compact("page", keep=10)
+due: bool = SnapshotPolicy().due(patches=3, patch_bytes=100, snapshot_bytes=1000)
+
+
+async def save_async(engine: AsyncEngine) -> DocumentVersion:
+    async_history = AsyncDocumentHistory(engine, conflict="last-write-wins")
+    await async_history.save("page", page_ops, base_version=2)
+    return await async_history.load("page")

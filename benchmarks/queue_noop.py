@@ -1,0 +1,5 @@
+"""The no-op job function rq imports by name in benchmarks/queue.py."""
+
+
+def noop(i: int) -> None:
+    return None

@@ -1,0 +1,360 @@
+"""Rebase a patch written against an old version onto the current one, by a three-way merge.
+
+A client edits version 5 and sends a patch; meanwhile version 6 was saved. Rather than apply
+the patch's index paths to a document whose blocks have shifted, :func:`rebase` applies it to
+the version it was written for (``base``), merges that result with the current document
+(``head``) block by block and field by field, and returns the operations that turn ``head``
+into the merge. Blocks are identified by id throughout, so concurrent edits to other blocks,
+or to other fields of the same block, insertions, deletions and moves elsewhere all merge.
+
+A true conflict raises :class:`~hardening.PatchConflict` naming the block and the field:
+
+- both sides changed the same field (the same JSON pointer inside a block, or the same member
+  outside blocks) to different values;
+- one side deleted a block the other changed, or both moved the same block;
+- both changed an array whose items have no ids (it cannot be merged item by item), or both
+  added a block with the same id.
+
+The merge is symmetric: merging A into B gives the same document as merging B into A, so two
+concurrent non-conflicting saves converge whichever commits first. Where both sides inserted
+or moved blocks into the same gap, the runs are ordered by the first block's id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import cast
+
+from hardening.blocks._json import MISSING, copy_json, pointer, same
+from hardening.blocks.diff import diff, longest_increasing_subsequence
+from hardening.blocks.patch import (
+    DEFAULT_LIMITS,
+    PatchLimits,
+    _array_index,
+    _checked,
+    _Patcher,
+    apply_patch,
+)
+from hardening.errors import PatchConflict
+
+__all__ = ["merge_patch", "rebase"]
+
+Operation = dict[str, object]
+_START = object()  # the gap before the first block
+
+
+@dataclass(frozen=True)
+class _Ref:
+    """A block inside a route: addressed by its id, wherever it sits in its list."""
+
+    id: object
+
+
+Route = tuple[object, ...]  # member names (str) and _Ref blocks, from the document's root
+
+
+class _Conflict(Exception):
+    def __init__(self, route: Route, reason: str, *, position: bool = False) -> None:
+        super().__init__(reason)
+        self.route = route
+        self.reason = reason
+        self.position = position
+
+
+def rebase(
+    patch: object,
+    *,
+    base: object,
+    head_patches: Sequence[object],
+    id_key: str = "id",
+    limits: PatchLimits | None = DEFAULT_LIMITS,
+) -> list[Operation]:
+    """Translate ``patch``, written against ``base``, into operations that apply to head.
+
+    Head is ``base`` with ``head_patches`` applied in order (the versions saved since). The
+    result applies to head (with ``apply_patch``) and yields the three-way merge of the two
+    lines of edits; see the module documentation for what merges and what conflicts.
+
+    Args:
+        patch: the incoming patch, written against ``base``.
+        base: the document the patch was written against (not changed).
+        head_patches: the patches saved since ``base``, oldest first.
+        id_key: the member holding each block's id.
+        limits: the bounds the incoming patch must respect.
+
+    Returns:
+        The operations that turn head into the merged document.
+
+    Raises:
+        PatchConflict: both lines of edits changed the same field or block (HTTP 409).
+        PatchError: the incoming patch is invalid or does not apply to ``base`` (its
+            ``InvalidPatch``, ``PatchLimitExceeded``, ``PatchApplyError`` or
+            ``PatchTestFailed``).
+    """
+    head = copy_json(base)
+    for saved in head_patches:
+        head = apply_patch(head, saved, limits=None, in_place=True)
+    return merge_patch(patch, base=base, head=head, id_key=id_key, limits=limits)[1]
+
+
+def merge_patch(
+    patch: object,
+    *,
+    base: object,
+    head: object,
+    id_key: str = "id",
+    limits: PatchLimits | None = DEFAULT_LIMITS,
+    prefer_patch: bool = False,
+) -> tuple[object, list[Operation]]:
+    """Merge ``patch`` (written against ``base``) into ``head``.
+
+    Args:
+        patch: the incoming patch.
+        base: the document it was written against.
+        head: the current document.
+        id_key: the member holding block ids.
+        limits: the bounds the incoming patch must respect.
+        prefer_patch: resolve conflicts in favour of the patch instead of raising.
+
+    Returns:
+        The merged document (sharing values with ``head`` and the patched base) and the
+        operations that turn ``head`` into it.
+
+    Raises:
+        PatchConflict: a true conflict, unless ``prefer_patch``.
+        PatchError: the patch is invalid or does not apply to ``base``.
+    """
+    mine = apply_patch(base, patch, limits=limits)
+    try:
+        merged = _Merger(id_key, prefer_patch).value(base, head, mine, ())
+    except _Conflict as conflict:
+        raise _patch_conflict(conflict, patch, base, id_key) from None
+    return merged, diff(head, merged, id_key=id_key)
+
+
+class _Merger:
+    def __init__(self, id_key: str, prefer_mine: bool) -> None:
+        self.id_key = id_key
+        self.prefer_mine = prefer_mine
+
+    def value(self, base: object, head: object, mine: object, route: Route) -> object:
+        if same(head, mine):
+            return head
+        if same(head, base):
+            return mine
+        if same(mine, base):
+            return head
+        if isinstance(base, dict) and isinstance(head, dict) and isinstance(mine, dict):
+            return self.members(base, head, mine, route)
+        if isinstance(base, list) and isinstance(head, list) and isinstance(mine, list):
+            return self.array(base, head, mine, route)
+        if self.prefer_mine:
+            return mine
+        raise _Conflict(route, "both edits changed this value")
+
+    def members(
+        self,
+        base: dict[str, object],
+        head: dict[str, object],
+        mine: dict[str, object],
+        route: Route,
+    ) -> dict[str, object]:
+        merged: dict[str, object] = {}
+        for key in [*head, *(key for key in mine if key not in head)]:
+            value = self.value(
+                base.get(key, MISSING),
+                head.get(key, MISSING),
+                mine.get(key, MISSING),
+                (*route, key),
+            )
+            if value is not MISSING:
+                merged[key] = value
+        return merged
+
+    def block_ids(self, items: list[object]) -> list[object] | None:
+        """The items' ids, if every item is an object with its own string or integer id."""
+        ids: list[object] = []
+        for item in items:
+            ident = item.get(self.id_key) if isinstance(item, dict) else None
+            if type(ident) is not str and type(ident) is not int:
+                return None
+            ids.append(ident)
+        return ids if len(set(ids)) == len(ids) else None
+
+    def array(
+        self, base: list[object], head: list[object], mine: list[object], route: Route
+    ) -> list[object]:
+        base_ids, head_ids, mine_ids = (self.block_ids(items) for items in (base, head, mine))
+        if base_ids is None or head_ids is None or mine_ids is None:
+            if self.prefer_mine:
+                return mine
+            raise _Conflict(route, "both edits changed this array, whose items have no ids")
+        in_base = {ident: i for i, ident in enumerate(base_ids)}
+        in_head = {ident: i for i, ident in enumerate(head_ids)}
+        in_mine = {ident: i for i, ident in enumerate(mine_ids)}
+        moved_head = _moved(base_ids, in_base, head_ids)
+        moved_mine = _moved(base_ids, in_base, mine_ids)
+        content: dict[object, object] = {}
+        owner: dict[object, str] = {}  # who decides where a block goes: "head" or "mine"
+        for ident in base_ids:
+            block_route = (*route, _Ref(ident))
+            before = base[in_base[ident]]
+            if ident in in_head and ident in in_mine:
+                content[ident] = self.value(
+                    before, head[in_head[ident]], mine[in_mine[ident]], block_route
+                )
+                if ident in moved_head and ident in moved_mine and not self.prefer_mine:
+                    raise _Conflict(block_route, f"both edits moved block {ident!r}", position=True)
+                if ident in moved_mine:
+                    owner[ident] = "mine"
+                elif ident in moved_head:
+                    owner[ident] = "head"
+            elif ident in in_head:  # this patch deleted it
+                after = head[in_head[ident]]
+                if not same(after, before) and not self.prefer_mine:
+                    raise _Conflict(
+                        block_route + _first_difference(before, after),
+                        f"this patch deletes block {ident!r}, which was changed concurrently",
+                    )
+            elif ident in in_mine:  # deleted concurrently
+                after = mine[in_mine[ident]]
+                if same(after, before):
+                    continue
+                if not self.prefer_mine:
+                    raise _Conflict(
+                        block_route + _first_difference(before, after),
+                        f"this patch changes block {ident!r}, which was deleted concurrently",
+                    )
+                content[ident], owner[ident] = after, "mine"
+        for ident in head_ids:
+            if ident in in_base:
+                continue
+            if ident in in_mine:
+                if not self.prefer_mine:
+                    raise _Conflict(
+                        (*route, _Ref(ident)), f"both edits added a block with id {ident!r}"
+                    )
+                continue
+            content[ident], owner[ident] = head[in_head[ident]], "head"
+        for ident in mine_ids:
+            if ident not in in_base:
+                content[ident], owner[ident] = mine[in_mine[ident]], "mine"
+        return [content[ident] for ident in _order(base_ids, head_ids, mine_ids, content, owner)]
+
+
+def _moved(base_ids: list[object], in_base: dict[object, int], ids: list[object]) -> set[object]:
+    """The base blocks that ``ids`` reordered: those outside a longest in-order run."""
+    kept = [ident for ident in ids if ident in in_base]
+    stays = longest_increasing_subsequence([in_base[ident] for ident in kept])
+    return {ident for ident, stay in zip(kept, stays, strict=True) if not stay}
+
+
+def _order(
+    base_ids: list[object],
+    head_ids: list[object],
+    mine_ids: list[object],
+    content: dict[object, object],
+    owner: dict[object, str],
+) -> list[object]:
+    """The merged order: unmoved base blocks, and each side's placed blocks in their gaps.
+
+    A block moved or added by one side goes where that side put it, relative to the blocks
+    neither side moved (the skeleton). When both sides placed blocks in the same gap, the
+    run whose first block has the smaller id goes first: the same whichever side is "mine".
+    """
+    skeleton = [ident for ident in base_ids if ident in content and ident not in owner]
+    in_skeleton = set(skeleton)
+    runs: dict[str, dict[object, list[object]]] = {"head": {}, "mine": {}}
+    for side, ids in (("head", head_ids), ("mine", mine_ids)):
+        gap: object = _START
+        for ident in ids:
+            if ident in in_skeleton:
+                gap = ident
+            elif owner.get(ident) == side:
+                runs[side].setdefault(gap, []).append(ident)
+    order: list[object] = []
+    for gap in (_START, *skeleton):
+        if gap is not _START:
+            order.append(gap)
+        first, second = runs["head"].get(gap, []), runs["mine"].get(gap, [])
+        if first and second and _tie(second[0]) < _tie(first[0]):
+            first, second = second, first
+        order += first
+        order += second
+    return order
+
+
+def _tie(ident: object) -> tuple[str, str, int]:
+    if isinstance(ident, int):
+        return ("int", "", ident)
+    return ("str", str(ident), 0)
+
+
+def _first_difference(before: object, after: object) -> Route:
+    """The route, inside a block, to the first member that differs (``()`` for the block)."""
+    route: list[object] = []
+    while isinstance(before, dict) and isinstance(after, dict):
+        for key in [*before, *(key for key in after if key not in before)]:
+            if not same(before.get(key, MISSING), after.get(key, MISSING)):
+                route.append(key)
+                before, after = before.get(key, MISSING), after.get(key, MISSING)
+                break
+        else:
+            break
+    return tuple(route)
+
+
+def _patch_conflict(conflict: _Conflict, patch: object, base: object, id_key: str) -> PatchConflict:
+    route = conflict.route
+    refs = [i for i, part in enumerate(route) if isinstance(part, _Ref)]
+    block_id = cast(_Ref, route[refs[-1]]).id if refs else None
+    inner = route[refs[-1] + 1 :] if refs else route
+    field = None if conflict.position else pointer(str(part) for part in inner)
+    op_index = _locate(patch, base, route, id_key)
+    op = cast(list[object], patch)[op_index] if op_index is not None else None
+    return PatchConflict(
+        conflict.reason,
+        block_id=cast("str | int | None", block_id),
+        field=field,
+        op_index=op_index,
+        op=op,
+    )
+
+
+def _locate(patch: object, base: object, route: Route, id_key: str) -> int | None:
+    """The index of the first operation of ``patch`` that touches ``route`` (best effort)."""
+    checker, ops = _checked(patch, None, trusted=True)
+    patcher = _Patcher(copy_json(base), checker, undo=False)
+    for op in ops:
+        for tokens in (op.path, op.from_):
+            if tokens is None:
+                continue
+            touched = _route(patcher.root, tokens, id_key, op.value)
+            if touched[: len(route)] == route or route[: len(touched)] == touched:
+                return op.index
+        patcher.run(op)
+    return None
+
+
+def _route(doc: object, tokens: list[str], id_key: str, value: object) -> Route:
+    """Where ``tokens`` points in ``doc``, with blocks named by id instead of index."""
+    route: list[object] = []
+    node = doc
+    for depth, token in enumerate(tokens):
+        if isinstance(node, dict):
+            route.append(token)
+            node = node.get(token, MISSING)
+            continue
+        if not isinstance(node, list):
+            break
+        position = len(node) if token == "-" else _array_index(token)
+        target = node[position] if position is not None and position < len(node) else MISSING
+        if depth == len(tokens) - 1 and value is not MISSING:
+            target = value  # an add or replace: the block that will be there
+        ident = target.get(id_key) if isinstance(target, dict) else None
+        if type(ident) is not str and type(ident) is not int:
+            break  # an item without an id: the route ends at its array
+        route.append(_Ref(ident))
+        node = target
+    return tuple(route)

@@ -1,0 +1,1 @@
+"""Queue backends: one protocol (``base.QueueBackend``), one implementation per store."""

@@ -1,0 +1,459 @@
+"""Redis queue backend: one Lua script per state change, a queue in one Cluster slot.
+
+Each queue is a handful of keys sharing the hash tag ``{<queue>}``, so a whole queue lives in
+one slot of a Redis Cluster and every script reaches all of it::
+
+    <prefix>:{<queue>}:job:<id>   HASH  one per job (payload, state, attempts, times, history...)
+    <prefix>:{<queue>}:ready      ZSET  claimable now: score -priority, member run_at|seq|id
+    <prefix>:{<queue>}:delayed    ZSET  waiting or retrying, not yet due, by run_at
+    <prefix>:{<queue>}:running    ZSET  claimed, by lease expiry
+    <prefix>:{<queue>}:waiting    ZSET  state index: waiting jobs by run_at (for stats)
+    <prefix>:{<queue>}:retrying   ZSET  state index: retrying jobs by run_at (for stats)
+    <prefix>:{<queue>}:completed  ZSET  by finished_at
+    <prefix>:{<queue>}:dead       ZSET  by finished_at
+    <prefix>:{<queue>}:dedupe     HASH  dedupe_key -> id of the waiting job holding it
+    <prefix>:{<queue>}:seq        STRING the enqueue sequence (fifo among equal priorities)
+
+Jobs never sit in a list between two commands (no ``BRPOPLPUSH``): a claim is one script that
+first recovers lapsed leases, then moves due delayed jobs to ``ready``, then leases the best
+ones; ack, fail and heartbeat check the lease token and expiry in the same script that changes
+the job. The scripts ship as package data in ``hardening/queue/lua/``.
+
+Times come from the backend's ``clock`` (the application's), not from Redis, so that one clock
+decides leases, delays and backoff on every backend and tests can drive it. Hosts sharing a
+queue therefore need synchronised clocks (NTP): a worker whose clock runs seconds ahead would
+see leases lapse early. Leases are tens of seconds, so ordinary NTP accuracy is ample.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, get_args
+
+from hardening._clock import Clock, SystemClock
+from hardening._imports import require
+from hardening._redis import is_async_client, read_lua
+from hardening.errors import BackendUnavailable, ConfigurationError, LeaseLost
+from hardening.queue.backends.base import LEASE_EXPIRED
+from hardening.queue.job import Attempt, Job, JobError, JobState, NewJob, QueueStats
+
+_redis_exceptions = require("redis.exceptions", extra="redis", feature="the Redis queue backend")
+
+__all__ = ["RedisBackend"]
+
+# the keys every script receives, in this order (see lua/common.lua)
+_KEY_NAMES = (
+    "ready",
+    "delayed",
+    "running",
+    "waiting",
+    "retrying",
+    "completed",
+    "dead",
+    "dedupe",
+    "seq",
+)
+_SCRIPTS = (
+    "enqueue",
+    "claim",
+    "heartbeat",
+    "ack",
+    "fail",
+    "release",
+    "requeue_dead",
+    "purge_dead",
+    "cleanup",
+    "stats",
+    "dead_letters",
+)
+# finished jobs deleted per cleanup script: each call stays short however much has piled up
+_CLEANUP_BATCH = 1000
+_STATES: dict[str, JobState] = {state: state for state in get_args(JobState)}
+_UNAVAILABLE = (
+    _redis_exceptions.ConnectionError,
+    _redis_exceptions.TimeoutError,
+    _redis_exceptions.ClusterDownError,
+)
+
+
+def _hash_tag(queue: str) -> str:
+    """The queue name as a hash tag's content, one per name and never empty.
+
+    Braces (and ``%``, to keep the escape reversible) are percent-encoded: a brace would end
+    the tag early and an empty tag ``{}`` would make Redis hash whole keys, scattering a queue
+    over slots. The empty name becomes a lone ``%``, which no escaped name can be.
+    """
+    return queue.replace("%", "%25").replace("{", "%7B").replace("}", "%7D") or "%"
+
+
+def _number(value: float) -> str:
+    """A time as text that round-trips exactly (``repr``), for Redis scores and the hashes."""
+    return repr(float(value))
+
+
+def _text(value: object) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _fields(reply: object) -> dict[str, str]:
+    """A job hash from ``HGETALL``: a dict from redis-py, a flat list from a script."""
+    if isinstance(reply, Mapping):
+        return {_text(k): _text(v) for k, v in reply.items()}
+    items = [_text(item) for item in reply] if isinstance(reply, (list, tuple)) else []
+    return dict(zip(items[::2], items[1::2], strict=True))
+
+
+def _job(queue: str, reply: object) -> Job:
+    """Rebuild a :class:`Job` from its hash."""
+    f = _fields(reply)
+    attempts = int(f["attempts"])
+    history = tuple(Attempt.from_dict(entry) for entry in json.loads(f.get("history", "[]")))
+    if "attempt_started_at" in f:  # the running attempt, closed by the script that ends it
+        running = Attempt(
+            attempts, float(f["attempt_started_at"]), worker=json.loads(f["attempt_worker"])
+        )
+        history = (*history, running)
+    last_error = f.get("last_error")
+    finished_at = f.get("finished_at")
+    lease_expires_at = f.get("lease_expires_at")
+    return Job(
+        id=f["id"],
+        queue=queue,
+        payload=json.loads(f["payload"]),
+        priority=int(f["priority"]),
+        attempts=attempts,
+        max_attempts=int(f["max_attempts"]),
+        state=_STATES[f["state"]],
+        created_at=float(f["created_at"]),
+        run_at=float(f["run_at"]),
+        finished_at=float(finished_at) if finished_at else None,
+        dedupe_key=f.get("dedupe_key"),
+        last_error=JobError.from_dict(json.loads(last_error)) if last_error else None,
+        history=history,
+        lease_token=f.get("lease_token"),
+        lease_expires_at=float(lease_expires_at) if lease_expires_at else None,
+    )
+
+
+@contextmanager
+def _unavailable() -> Iterator[None]:
+    try:
+        yield
+    except _UNAVAILABLE as exc:
+        raise BackendUnavailable("redis", str(exc)) from exc
+
+
+class RedisBackend:
+    """Jobs in Redis (a server, a Sentinel master or a Cluster), one Lua script per change.
+
+    Shared by any number of workers on any number of hosts; see the module docstring for the
+    key layout. Times come from ``clock``, so the hosts need synchronised clocks (NTP).
+
+    Args:
+        client: a blocking ``redis.Redis``, ``redis.cluster.RedisCluster`` or Sentinel master
+            client (e.g. from ``hardening._redis.client_from_url``); also used by
+            :class:`~hardening.queue.QueueProcessor` as its rate-limit storage.
+        clock: the clock deciding leases and delays (a ``FakeClock`` in tests).
+        key_prefix: the first part of every key; without ``{`` or ``}`` (the queue's name is
+            the hash tag).
+        owns_client: close the client in :meth:`close` (true when built from a URL).
+
+    Raises:
+        ConfigurationError: an asyncio client, or a bad ``key_prefix``.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        clock: Clock | None = None,
+        key_prefix: str = "hardening:q",
+        owns_client: bool = False,
+    ) -> None:
+        if is_async_client(client):
+            raise ConfigurationError("RedisBackend needs a blocking redis client, not asyncio")
+        if not isinstance(key_prefix, str) or not key_prefix or {"{", "}"} & set(key_prefix):
+            raise ConfigurationError(
+                f"key_prefix must be a non-empty string without braces, not {key_prefix!r}"
+            )
+        self.client = client
+        self.clock: Clock = clock or SystemClock()
+        self.key_prefix = key_prefix
+        self.owns_client = owns_client
+        common = read_lua("hardening.queue", "common.lua")
+        self._scripts = {
+            name: client.register_script(common + read_lua("hardening.queue", f"{name}.lua"))
+            for name in _SCRIPTS
+        }
+
+    # --- keys ----------------------------------------------------------------------------
+
+    def queue_keys(self, queue: str) -> tuple[str, ...]:
+        """A queue's fixed keys (its job hashes are :meth:`job_key`), all in one slot.
+
+        Args:
+            queue: the queue's name.
+
+        Returns:
+            ``ready``, ``delayed``, ``running``, ``waiting``, ``retrying``, ``completed``,
+            ``dead``, ``dedupe`` and ``seq``, in that order (the order the scripts take them).
+        """
+        base = f"{self.key_prefix}:{{{_hash_tag(queue)}}}"
+        return tuple(f"{base}:{name}" for name in _KEY_NAMES)
+
+    def job_key(self, queue: str, job_id: str) -> str:
+        """The key of one job's hash.
+
+        Args:
+            queue: the queue's name.
+            job_id: the job's id.
+
+        Returns:
+            ``<prefix>:{<queue>}:job:<id>``.
+        """
+        return self._job_prefix(queue) + job_id
+
+    def _job_prefix(self, queue: str) -> str:
+        return f"{self.key_prefix}:{{{_hash_tag(queue)}}}:job:"
+
+    def _run(self, name: str, queue: str, *args: str) -> Any:
+        """Run one script on ``queue``'s keys, with the job key prefix and now first."""
+        now = _number(self.clock.time())
+        with _unavailable():
+            return self._scripts[name](
+                keys=self.queue_keys(queue), args=[self._job_prefix(queue), now, *args]
+            )
+
+    # --- the protocol --------------------------------------------------------------------
+
+    def enqueue(self, job: NewJob, *, session: object | None = None) -> Job:
+        """Store a new job, or return the waiting one with the same ``dedupe_key``.
+
+        Args:
+            job: the validated, encoded job.
+            session: ignored (a SQL transaction cannot include Redis).
+
+        Returns:
+            The stored (or deduplicated) job.
+        """
+        reply = self._run(
+            "enqueue",
+            job.queue,
+            job.id,
+            job.queue,
+            job.payload_json,
+            str(job.priority),
+            _number(job.run_at),
+            _number(job.created_at),
+            str(job.max_attempts),
+            "0" if job.dedupe_key is None else "1",
+            job.dedupe_key or "",
+        )
+        if int(reply[0]) == 1:
+            return job.job()
+        return _job(job.queue, reply[1])
+
+    def claim(self, queue: str, *, worker: str, limit: int, lease: float) -> list[Job]:
+        """Recover lapsed leases, then lease up to ``limit`` ready jobs.
+
+        Args:
+            queue: the queue.
+            worker: the claiming worker's id, recorded in the attempt.
+            limit: how many jobs at most.
+            lease: seconds the claim lasts unless renewed.
+
+        Returns:
+            The claimed jobs, best first, each with its ``lease_token``.
+        """
+        expires = _number(self.clock.time() + lease)
+        reply = self._run(
+            "claim",
+            queue,
+            expires,
+            str(limit),
+            json.dumps(worker),
+            json.dumps(LEASE_EXPIRED.to_dict()),
+            uuid.uuid4().hex,
+        )
+        return [_job(queue, fields) for fields in reply]
+
+    def heartbeat(self, queue: str, jobs: Sequence[Job], lease: float) -> set[str]:
+        """Extend the leases still held.
+
+        Args:
+            queue: the queue.
+            jobs: the jobs this worker holds.
+            lease: seconds from now each renewed lease lasts.
+
+        Returns:
+            The ids whose lease is still held.
+        """
+        if not jobs:
+            return set()
+        pairs = [value for job in jobs for value in (job.id, job.lease_token or "")]
+        reply = self._run("heartbeat", queue, _number(self.clock.time() + lease), *pairs)
+        return {_text(job_id) for job_id in reply}
+
+    def ack(self, job: Job) -> Job:
+        """Mark a claimed job completed.
+
+        Args:
+            job: the job as claimed (its ``lease_token`` is the proof).
+
+        Returns:
+            The completed job.
+
+        Raises:
+            LeaseLost: the lease lapsed or the token is stale.
+        """
+        reply = self._run("ack", job.queue, job.id, job.lease_token or "")
+        if int(reply[0]) != 1:
+            raise LeaseLost(job.id, queue=job.queue)
+        return _job(job.queue, reply[1])
+
+    def fail(self, job: Job, error: JobError, *, retry_at: float | None) -> Job:
+        """Record a failed attempt: retry at ``retry_at``, or dead-letter when ``None``.
+
+        Args:
+            job: the job as claimed.
+            error: what went wrong.
+            retry_at: when to try again, or ``None`` to dead-letter it.
+
+        Returns:
+            The job, retrying or dead.
+
+        Raises:
+            LeaseLost: the lease lapsed or the token is stale.
+        """
+        reply = self._run(
+            "fail",
+            job.queue,
+            job.id,
+            job.lease_token or "",
+            json.dumps(error.to_dict()),
+            "" if retry_at is None else _number(retry_at),
+        )
+        if int(reply[0]) != 1:
+            raise LeaseLost(job.id, queue=job.queue)
+        return _job(job.queue, reply[1])
+
+    def release(self, job: Job) -> None:
+        """Give a claimed job back unfinished (shutdown): its attempt is not counted.
+
+        Args:
+            job: the job as claimed; nothing happens unless it is still held with its token.
+        """
+        self._run("release", job.queue, job.id, job.lease_token or "")
+
+    def get(self, queue: str, job_id: str) -> Job | None:
+        """The job, or ``None``.
+
+        Args:
+            queue: the queue.
+            job_id: the job's id.
+
+        Returns:
+            The job, with its history, or ``None`` if there is no such job.
+        """
+        with _unavailable():
+            fields = self.client.hgetall(self.job_key(queue, job_id))
+        return _job(queue, fields) if fields else None
+
+    def stats(self, queue: str) -> QueueStats:
+        """Counts per state and the oldest ready job's age, read in one script.
+
+        Args:
+            queue: the queue.
+
+        Returns:
+            The counts; ``delayed`` are waiting jobs whose ``run_at`` is still ahead.
+        """
+        now = self.clock.time()
+        reply = self._run("stats", queue)
+        waiting, delayed, running, retrying, dead, completed = (int(n) for n in reply[:6])
+        oldest = _text(reply[6])
+        return QueueStats(
+            waiting=waiting,
+            delayed=delayed,
+            running=running,
+            retrying=retrying,
+            dead=dead,
+            completed=completed,
+            oldest_waiting_age=now - float(oldest) if oldest else 0.0,
+        )
+
+    def dead_letters(self, queue: str, *, limit: int = 100) -> list[Job]:
+        """Dead jobs, most recently dead first.
+
+        Args:
+            queue: the queue.
+            limit: how many at most.
+
+        Returns:
+            The dead jobs.
+        """
+        if limit <= 0:
+            return []
+        return [_job(queue, fields) for fields in self._run("dead_letters", queue, str(limit))]
+
+    def requeue_dead(self, queue: str, job_ids: Sequence[str] | None = None) -> int:
+        """Put dead jobs (all, or these) back to waiting with fresh attempts (history kept).
+
+        Args:
+            queue: the queue.
+            job_ids: the jobs to requeue; ``None`` for every dead job.
+
+        Returns:
+            How many were requeued.
+        """
+        return self._by_ids("requeue_dead", queue, job_ids)
+
+    def purge_dead(self, queue: str, job_ids: Sequence[str] | None = None) -> int:
+        """Delete dead jobs (all, or these).
+
+        Args:
+            queue: the queue.
+            job_ids: the jobs to delete; ``None`` for every dead job.
+
+        Returns:
+            How many were deleted.
+        """
+        return self._by_ids("purge_dead", queue, job_ids)
+
+    def _by_ids(self, script: str, queue: str, job_ids: Sequence[str] | None) -> int:
+        if job_ids is None:
+            return int(self._run(script, queue, "1"))
+        if not job_ids:
+            return 0
+        return int(self._run(script, queue, "0", *job_ids))
+
+    def cleanup(self, queue: str, *, older_than: float) -> int:
+        """Delete completed and dead jobs that finished more than ``older_than`` seconds ago.
+
+        Deletes in batches of 1,000 (one script each), so Redis is never blocked for long.
+
+        Args:
+            queue: the queue.
+            older_than: the age in seconds.
+
+        Returns:
+            How many were deleted.
+        """
+        cutoff = _number(self.clock.time() - older_than)
+        total = 0
+        while True:
+            deleted = int(self._run("cleanup", queue, cutoff, str(_CLEANUP_BATCH)))
+            total += deleted
+            if deleted < _CLEANUP_BATCH:
+                return total
+
+    def close(self) -> None:
+        """Close the client if this backend created it (``owns_client``)."""
+        if self.owns_client:
+            self.client.close()
+
+    def __repr__(self) -> str:
+        return f"RedisBackend(key_prefix={self.key_prefix!r})"

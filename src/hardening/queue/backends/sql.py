@@ -1,0 +1,525 @@
+"""SQL queue backend: PostgreSQL (many workers, ``FOR UPDATE SKIP LOCKED``) and SQLite (one node).
+
+One table, every state change one conditional statement: a claim is ``UPDATE … WHERE id IN
+(SELECT … ORDER BY priority DESC, run_at LIMIT n FOR UPDATE SKIP LOCKED) RETURNING …``, so
+concurrent workers never claim the same job and never wait on each other's rows; ack and fail
+check the lease token and expiry in their ``WHERE`` and append the attempt to the JSON history
+in the same statement. Partial indexes keep the hot paths small however many finished jobs the
+table keeps. With ``enqueue(..., session=s)`` the insert joins the caller's transaction: a job
+is committed together with the change that caused it, or not at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from hardening._clock import Clock, SystemClock
+from hardening._imports import require
+from hardening.errors import ConfigurationError, LeaseLost
+from hardening.queue.backends.base import LEASE_EXPIRED
+from hardening.queue.job import (
+    FINISHED_STATES,
+    READY_STATES,
+    Attempt,
+    Job,
+    JobError,
+    NewJob,
+    QueueStats,
+)
+
+require("sqlalchemy", extra="sqlalchemy", feature="the SQL queue backend")
+
+import sqlalchemy as sa  # noqa: E402
+
+__all__ = ["SQLBackend", "jobs_table"]
+
+_CLEANUP_CHUNK = 5000
+
+
+def jobs_table(
+    metadata: sa.MetaData, name: str = "hardening_jobs", *, schema: str | None = None
+) -> sa.Table:
+    """The jobs table, for your own metadata and migrations (Alembic autogenerate sees it).
+
+    Args:
+        metadata: the ``MetaData`` to add it to.
+        name: the table's name (e.g. ``"indexing_queue"``).
+        schema: the database schema, if not the default.
+
+    Returns:
+        The table, with its partial indexes: ready jobs by priority, running jobs by lease
+        expiry, finished jobs by finish time, and a unique deduplication key among waiting
+        jobs.
+    """
+    ready = sa.text("state IN ('waiting', 'retrying')")
+    table = sa.Table(
+        name,
+        metadata,
+        sa.Column("id", sa.String(32), primary_key=True),
+        sa.Column("queue", sa.String(100), nullable=False),
+        sa.Column("payload", sa.Text, nullable=False),
+        sa.Column("priority", sa.Integer, nullable=False, server_default=sa.text("0")),
+        sa.Column("state", sa.String(16), nullable=False),
+        sa.Column("attempts", sa.Integer, nullable=False, server_default=sa.text("0")),
+        sa.Column("max_attempts", sa.Integer, nullable=False),
+        sa.Column("created_at", sa.Double, nullable=False),
+        sa.Column("run_at", sa.Double, nullable=False),
+        sa.Column("started_at", sa.Double),
+        sa.Column("finished_at", sa.Double),
+        sa.Column("dedupe_key", sa.String(200)),
+        sa.Column("last_error", sa.Text),
+        sa.Column("history", sa.Text, nullable=False, server_default=sa.text("'[]'")),
+        sa.Column("lease_token", sa.String(32)),
+        sa.Column("lease_expires_at", sa.Double),
+        sa.Column("worker", sa.String(200)),
+        schema=schema,
+    )
+    sa.Index(
+        f"{name}_ready_idx",
+        table.c.queue,
+        table.c.priority.desc(),
+        table.c.run_at,
+        postgresql_where=ready,
+        sqlite_where=ready,
+    )
+    sa.Index(
+        f"{name}_running_idx",
+        table.c.queue,
+        table.c.lease_expires_at,
+        postgresql_where=sa.text("state = 'running'"),
+        sqlite_where=sa.text("state = 'running'"),
+    )
+    finished = sa.text("state IN ('completed', 'dead')")
+    sa.Index(
+        f"{name}_finished_idx",
+        table.c.queue,
+        table.c.finished_at,
+        postgresql_where=finished,
+        sqlite_where=finished,
+    )
+    dedupe = sa.text("state IN ('waiting', 'retrying') AND dedupe_key IS NOT NULL")
+    sa.Index(
+        f"{name}_dedupe_idx",
+        table.c.queue,
+        table.c.dedupe_key,
+        unique=True,
+        postgresql_where=dedupe,
+        sqlite_where=dedupe,
+    )
+    return table
+
+
+class SQLBackend:
+    """Jobs in one SQL table (see :func:`jobs_table`), on PostgreSQL or SQLite.
+
+    Args:
+        engine: a SQLAlchemy ``Engine`` or URL (a URL makes an engine this backend owns).
+        clock: the clock deciding leases and delays (all workers need synchronised clocks).
+        table: the table's name.
+        schema: the database schema.
+        durable_acks: on PostgreSQL, wait for the WAL flush on claims, acks, failures,
+            heartbeats and releases too. Off by default: those run with a transaction-local
+            ``synchronous_commit = off`` (never changing your own sessions), which makes them
+            ~25x cheaper on a disk with slow fsync. If the *database server* crashes, the last
+            fraction of a second of such changes may be undone, which can only re-deliver a
+            job (at least once), never lose one; ``enqueue`` is always fully durable.
+
+    Raises:
+        ConfigurationError: the database is neither PostgreSQL nor SQLite.
+    """
+
+    def __init__(
+        self,
+        engine: sa.Engine | str,
+        *,
+        clock: Clock | None = None,
+        table: str = "hardening_jobs",
+        schema: str | None = None,
+        durable_acks: bool = False,
+    ) -> None:
+        self._owns_engine = isinstance(engine, str)
+        self.engine: sa.Engine = sa.create_engine(engine) if isinstance(engine, str) else engine
+        dialect = self.engine.dialect.name
+        if dialect not in ("postgresql", "sqlite"):
+            raise ConfigurationError(f"SQLBackend supports PostgreSQL and SQLite, not {dialect}")
+        self._postgres = dialect == "postgresql"
+        # Every step below is one atomic statement: run it in autocommit, one round trip,
+        # rather than BEGIN + statement + COMMIT (same pool, same connections).
+        self._single: sa.Engine = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._fast_commit = self._postgres and not durable_acks
+        self.clock: Clock = clock or SystemClock()
+        self.metadata = sa.MetaData()
+        self.table = jobs_table(self.metadata, table, schema=schema)
+
+    @contextlib.contextmanager
+    def _state_change(self) -> Iterator[sa.Connection]:
+        """A connection for one claim/ack/fail/heartbeat/release statement."""
+        if not self._fast_commit:
+            with self._single.connect() as conn:
+                yield conn
+            return
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+            yield conn
+
+    def create_schema(self) -> None:
+        """Create the table and its indexes if they do not exist."""
+        self.metadata.create_all(self.engine)
+
+    def drop_schema(self) -> None:
+        """Drop the table."""
+        self.metadata.drop_all(self.engine)
+
+    def close(self) -> None:
+        """Dispose of the engine if this backend created it."""
+        if self._owns_engine:
+            self.engine.dispose()
+
+    # --- rows <-> jobs -----------------------------------------------------------------
+
+    def _job(self, row: Any) -> Job:
+        history = tuple(Attempt.from_dict(a) for a in json.loads(row.history or "[]"))
+        if row.state == "running":
+            history = (*history, Attempt(row.attempts, row.started_at, worker=row.worker or ""))
+        return Job(
+            id=row.id,
+            queue=row.queue,
+            payload=json.loads(row.payload),
+            priority=row.priority,
+            attempts=row.attempts,
+            max_attempts=row.max_attempts,
+            state=row.state,
+            created_at=row.created_at,
+            run_at=row.run_at,
+            finished_at=row.finished_at,
+            dedupe_key=row.dedupe_key,
+            last_error=JobError.from_dict(json.loads(row.last_error)) if row.last_error else None,
+            history=history,
+            lease_token=row.lease_token if row.state == "running" else None,
+            lease_expires_at=row.lease_expires_at if row.state == "running" else None,
+        )
+
+    def _append(self, entry: Attempt) -> Any:
+        """SQL for ``history`` with one more attempt appended (portable string concatenation)."""
+        history = self.table.c.history
+        text = json.dumps(entry.to_dict(), separators=(",", ":"))
+        return sa.case(
+            (history == "[]", sa.literal("[" + text + "]")),
+            else_=sa.func.substr(history, 1, sa.func.length(history) - 1) + "," + text + "]",
+        )
+
+    # --- producing ---------------------------------------------------------------------
+
+    def enqueue(self, job: NewJob, *, session: object | None = None) -> Job:
+        """Insert a job, or return the waiting one with the same ``dedupe_key``.
+
+        With ``session``, the insert runs in that session's transaction (it commits with it).
+        """
+        values = {
+            "id": job.id,
+            "queue": job.queue,
+            "payload": job.payload_json,
+            "priority": job.priority,
+            "state": "waiting",
+            "attempts": 0,
+            "max_attempts": job.max_attempts,
+            "created_at": job.created_at,
+            "run_at": job.run_at,
+            "dedupe_key": job.dedupe_key,
+            "history": "[]",
+        }
+        if job.dedupe_key is None:
+            self._execute(session, sa.insert(self.table).values(**values))
+            return job.job()
+        for _ in range(3):  # the waiting twin may be claimed between our two statements
+            # RETURNING, not rowcount: psycopg reports -1 for ON CONFLICT DO NOTHING
+            inserted = self._execute(session, self._insert_unless_waiting(values)).first()
+            if inserted is not None:
+                return job.job()
+            existing = self._execute(
+                session,
+                sa.select(self.table).where(
+                    self.table.c.queue == job.queue,
+                    self.table.c.dedupe_key == job.dedupe_key,
+                    self.table.c.state.in_(READY_STATES),
+                ),
+            ).first()
+            if existing is not None:
+                return self._job(existing)
+        raise ConfigurationError(f"could not enqueue deduplicated job {job.dedupe_key!r}")
+
+    def _insert_unless_waiting(self, values: dict[str, object]) -> Any:
+        from sqlalchemy.dialects import postgresql, sqlite
+
+        insert: Any = postgresql.insert if self._postgres else sqlite.insert
+        where = sa.and_(self.table.c.state.in_(READY_STATES), self.table.c.dedupe_key.is_not(None))
+        return (
+            insert(self.table)
+            .values(**values)
+            .on_conflict_do_nothing(
+                index_elements=[self.table.c.queue, self.table.c.dedupe_key], index_where=where
+            )
+        )
+
+    def _execute(self, session: object | None, statement: Any) -> _Buffered:
+        if session is not None:
+            return _Buffered.of(session.execute(statement))  # type: ignore[attr-defined]
+        with self._single.connect() as conn:
+            return _Buffered.of(conn.execute(statement))
+
+    # --- claiming ----------------------------------------------------------------------
+
+    def claim(self, queue: str, *, worker: str, limit: int, lease: float) -> list[Job]:
+        """Recover lapsed leases, then lease up to ``limit`` ready jobs (``SKIP LOCKED``)."""
+        now = self.clock.time()
+        t = self.table
+        self._recover(queue, now)
+        if limit <= 0:
+            return []
+        with self._state_change() as conn:
+            ids = (
+                sa.select(t.c.id)
+                .where(t.c.queue == queue, t.c.state.in_(READY_STATES), t.c.run_at <= now)
+                .order_by(t.c.priority.desc(), t.c.run_at, t.c.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            )
+            rows = conn.execute(
+                sa.update(t)
+                .where(t.c.id.in_(ids.scalar_subquery()), t.c.state.in_(READY_STATES))
+                .values(
+                    state="running",
+                    attempts=t.c.attempts + 1,
+                    lease_token=uuid.uuid4().hex,
+                    lease_expires_at=now + lease,
+                    started_at=now,
+                    worker=worker,
+                )
+                .returning(*t.c)
+            ).all()
+        jobs = [self._job(row) for row in rows]
+        jobs.sort(key=lambda j: (-j.priority, j.run_at, j.id))
+        return jobs
+
+    def _recover(self, queue: str, now: float) -> None:
+        t = self.table
+        where = (t.c.queue == queue, t.c.state == "running", t.c.lease_expires_at <= now)
+        with self._single.connect() as conn:  # the common case: nothing lapsed, one query
+            if conn.execute(sa.select(t.c.id).where(*where).limit(1)).first() is None:
+                return
+        lapsed = sa.select(t.c.id).where(*where).with_for_update(skip_locked=True)
+        error = json.dumps(LEASE_EXPIRED.to_dict())
+        with self.engine.begin() as conn:  # the lapsed rows and their history: one transaction
+            self._recover_in(conn, lapsed, error, now)
+
+    def _recover_in(self, conn: sa.Connection, lapsed: Any, error: str, now: float) -> None:
+        t = self.table
+        rows = conn.execute(
+            sa.update(t)
+            .where(t.c.id.in_(lapsed.scalar_subquery()), t.c.state == "running")
+            .values(
+                state=sa.case((t.c.attempts >= t.c.max_attempts, "dead"), else_="retrying"),
+                finished_at=sa.case((t.c.attempts >= t.c.max_attempts, now), else_=None),
+                run_at=now,
+                last_error=error,
+                lease_token=None,
+                lease_expires_at=None,
+            )
+            .returning(t.c.id, t.c.attempts, t.c.started_at, t.c.worker)
+        ).all()
+        for row in rows:  # rare: record the lost attempt (the rows are ours in this transaction)
+            lost = Attempt(
+                row.attempts, row.started_at or now, now, "lost", row.worker or "", LEASE_EXPIRED
+            )
+            conn.execute(sa.update(t).where(t.c.id == row.id).values(history=self._append(lost)))
+
+    def _holding(self, job: Job, now: float) -> Any:
+        t = self.table
+        return sa.and_(
+            t.c.id == job.id,
+            t.c.state == "running",
+            t.c.lease_token == job.lease_token,
+            t.c.lease_expires_at > now,
+        )
+
+    def heartbeat(self, queue: str, jobs: Sequence[Job], lease: float) -> set[str]:
+        """Extend the leases still held; return their ids."""
+        if not jobs:
+            return set()
+        now = self.clock.time()
+        t = self.table
+        held = sa.or_(*(self._holding(job, now) for job in jobs))
+        with self._state_change() as conn:
+            rows = conn.execute(
+                sa.update(t).where(held).values(lease_expires_at=now + lease).returning(t.c.id)
+            ).all()
+        return {row.id for row in rows}
+
+    def _finish(
+        self, job: Job, values: dict[str, object], outcome: str, error: JobError | None
+    ) -> Job:
+        now = self.clock.time()
+        last = job.history[-1] if job.history else Attempt(job.attempts, now)
+        entry = Attempt(last.number, last.started_at, now, outcome, last.worker, error)
+        t = self.table
+        with self._state_change() as conn:
+            row = conn.execute(
+                sa.update(t)
+                .where(self._holding(job, now))
+                .values(
+                    **values, history=self._append(entry), lease_token=None, lease_expires_at=None
+                )
+                .returning(*t.c)
+            ).first()
+        if row is None:
+            raise LeaseLost(job.id, queue=job.queue)
+        return self._job(row)
+
+    def ack(self, job: Job) -> Job:
+        """Mark a claimed job completed (``LeaseLost`` if the lease is gone)."""
+        return self._finish(
+            job, {"state": "completed", "finished_at": self.clock.time()}, "completed", None
+        )
+
+    def fail(self, job: Job, error: JobError, *, retry_at: float | None) -> Job:
+        """Record a failed attempt; retry at ``retry_at`` or dead-letter."""
+        text = json.dumps(error.to_dict())
+        if retry_at is None:
+            values: dict[str, object] = {
+                "state": "dead",
+                "finished_at": self.clock.time(),
+                "last_error": text,
+            }
+        else:
+            values = {"state": "retrying", "run_at": retry_at, "last_error": text}
+        return self._finish(job, values, "failed", error)
+
+    def release(self, job: Job) -> None:
+        """Give a claimed job back: waiting again, this attempt not counted."""
+        t = self.table
+        now = self.clock.time()
+        with self._state_change() as conn:
+            conn.execute(
+                sa.update(t)
+                .where(t.c.id == job.id, t.c.state == "running", t.c.lease_token == job.lease_token)
+                .values(
+                    state=sa.case((t.c.attempts <= 1, "waiting"), else_="retrying"),
+                    attempts=t.c.attempts - 1,
+                    run_at=now,
+                    lease_token=None,
+                    lease_expires_at=None,
+                )
+            )
+
+    # --- reading and operating ---------------------------------------------------------
+
+    def get(self, queue: str, job_id: str) -> Job | None:
+        """The job, or ``None``."""
+        t = self.table
+        with self._single.connect() as conn:
+            row = conn.execute(sa.select(t).where(t.c.queue == queue, t.c.id == job_id)).first()
+        return None if row is None else self._job(row)
+
+    def stats(self, queue: str) -> QueueStats:
+        """Counts per state (one grouped query) and the oldest ready job's age."""
+        now = self.clock.time()
+        t = self.table
+        kind = sa.case(
+            (sa.and_(t.c.state == "waiting", t.c.run_at > now), "delayed"), else_=t.c.state
+        )
+        ready = sa.and_(t.c.state.in_(READY_STATES), t.c.run_at <= now)
+        with self._single.connect() as conn:
+            rows = conn.execute(
+                sa.select(kind.label("kind"), sa.func.count())
+                .where(t.c.queue == queue)
+                .group_by(kind)
+            ).all()
+            oldest = conn.execute(
+                sa.select(sa.func.min(t.c.run_at)).where(t.c.queue == queue, ready)
+            ).scalar()
+        counts = {str(kind): int(count) for kind, count in rows}
+        return QueueStats(
+            waiting=counts.get("waiting", 0),
+            delayed=counts.get("delayed", 0),
+            running=counts.get("running", 0),
+            retrying=counts.get("retrying", 0),
+            dead=counts.get("dead", 0),
+            completed=counts.get("completed", 0),
+            oldest_waiting_age=max(0.0, now - oldest) if oldest is not None else 0.0,
+        )
+
+    def dead_letters(self, queue: str, *, limit: int = 100) -> list[Job]:
+        """Dead jobs, most recently dead first."""
+        t = self.table
+        with self._single.connect() as conn:
+            rows = conn.execute(
+                sa.select(t)
+                .where(t.c.queue == queue, t.c.state == "dead")
+                .order_by(t.c.finished_at.desc())
+                .limit(limit)
+            ).all()
+        return [self._job(row) for row in rows]
+
+    def _dead(self, queue: str, job_ids: Sequence[str] | None) -> Any:
+        t = self.table
+        where = sa.and_(t.c.queue == queue, t.c.state == "dead")
+        return where if job_ids is None else sa.and_(where, t.c.id.in_(list(job_ids)))
+
+    def requeue_dead(self, queue: str, job_ids: Sequence[str] | None = None) -> int:
+        """Dead jobs back to waiting with fresh attempts (history kept)."""
+        now = self.clock.time()
+        with self._single.connect() as conn:
+            result = conn.execute(
+                sa.update(self.table)
+                .where(self._dead(queue, job_ids))
+                .values(state="waiting", attempts=0, run_at=now, finished_at=None)
+            )
+        return int(result.rowcount)
+
+    def purge_dead(self, queue: str, job_ids: Sequence[str] | None = None) -> int:
+        """Delete dead jobs."""
+        with self._single.connect() as conn:
+            result = conn.execute(sa.delete(self.table).where(self._dead(queue, job_ids)))
+        return int(result.rowcount)
+
+    def cleanup(self, queue: str, *, older_than: float) -> int:
+        """Delete finished jobs older than ``older_than`` seconds.
+
+        In chunks of 5,000 rows, so no transaction holds its locks for long.
+        """
+        cutoff = self.clock.time() - older_than
+        t = self.table
+        old = (
+            sa.select(t.c.id)
+            .where(t.c.queue == queue, t.c.state.in_(FINISHED_STATES), t.c.finished_at < cutoff)
+            .limit(_CLEANUP_CHUNK)
+        )
+        deleted = 0
+        while True:
+            with self._single.connect() as conn:
+                count = conn.execute(sa.delete(t).where(t.c.id.in_(old.scalar_subquery()))).rowcount
+            deleted += count
+            if count < _CLEANUP_CHUNK:
+                return deleted
+
+
+class _Buffered:
+    """A finished result: rows fetched before the connection went back to the pool."""
+
+    def __init__(self, rows: list[Any], rowcount: int) -> None:
+        self._rows = rows
+        self.rowcount = rowcount
+
+    @classmethod
+    def of(cls, result: Any) -> _Buffered:
+        # an INSERT ... ON CONFLICT DO NOTHING RETURNING that inserted nothing may report
+        # that it returns no rows at all: treat that as an empty result
+        rows = list(result.all()) if result.returns_rows else []
+        return cls(rows, result.rowcount)
+
+    def first(self) -> Any:
+        return self._rows[0] if self._rows else None

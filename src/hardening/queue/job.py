@@ -1,0 +1,260 @@
+"""Jobs and queue statistics: plain immutable data shared by every backend."""
+
+from __future__ import annotations
+
+import json
+import math
+import traceback as tb
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import Literal, TypeAlias
+
+from hardening.errors import JobRejected
+
+__all__ = [
+    "JSON",
+    "Attempt",
+    "Job",
+    "JobError",
+    "JobState",
+    "NewJob",
+    "QueueStats",
+    "encode_payload",
+]
+
+JSON: TypeAlias = "dict[str, JSON] | list[JSON] | str | int | float | bool | None"
+JobState = Literal["waiting", "running", "retrying", "completed", "dead"]
+# states a job can be claimed from, and states it may be deduplicated against
+READY_STATES: tuple[JobState, ...] = ("waiting", "retrying")
+FINISHED_STATES: tuple[JobState, ...] = ("completed", "dead")
+
+
+@dataclass(frozen=True, slots=True)
+class JobError:
+    """What went wrong in an attempt.
+
+    Attributes:
+        type: the exception's class name (``"LeaseExpired"`` when the worker was lost).
+        message: ``str(exception)``, truncated to 2,000 characters.
+        traceback: the formatted traceback, truncated to 20,000 characters.
+    """
+
+    type: str
+    message: str
+    traceback: str = ""
+
+    @classmethod
+    def from_exception(cls, exc: BaseException) -> JobError:
+        """Capture an exception (its type, message and traceback)."""
+        text = "".join(tb.format_exception(type(exc), exc, exc.__traceback__))
+        return cls(type(exc).__name__, str(exc)[:2000], text[-20000:])
+
+    def to_dict(self) -> dict[str, str]:
+        """A JSON-ready form, for storage."""
+        return {"type": self.type, "message": self.message, "traceback": self.traceback}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, str]) -> JobError:
+        """Rebuild from :meth:`to_dict` output."""
+        return cls(data.get("type", ""), data.get("message", ""), data.get("traceback", ""))
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One attempt at a job.
+
+    Attributes:
+        number: 1 for the first attempt.
+        started_at: when it was claimed (epoch seconds).
+        finished_at: when it ended, if it did.
+        outcome: ``"completed"``, ``"failed"``, ``"lost"`` (the lease expired: the worker
+            died or stalled) or ``"released"`` (given back at shutdown; not counted).
+        worker: the worker that claimed it.
+        error: what went wrong, for failed and lost attempts.
+    """
+
+    number: int
+    started_at: float
+    finished_at: float | None = None
+    outcome: str = "running"
+    worker: str = ""
+    error: JobError | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-ready form, for storage."""
+        return {
+            "number": self.number,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "outcome": self.outcome,
+            "worker": self.worker,
+            "error": self.error.to_dict() if self.error else None,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> Attempt:
+        """Rebuild from :meth:`to_dict` output."""
+        error = data.get("error")
+        finished = data.get("finished_at")
+        return cls(
+            number=int(str(data["number"])),
+            started_at=float(str(data["started_at"])),
+            finished_at=float(str(finished)) if finished is not None else None,
+            outcome=str(data.get("outcome", "")),
+            worker=str(data.get("worker", "")),
+            error=JobError.from_dict(error) if isinstance(error, dict) else None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A unit of work in a queue. Immutable: backends return updated copies.
+
+    Attributes:
+        id: unique id (a UUID4 hex string).
+        queue: the queue's name.
+        payload: the job's JSON data.
+        priority: higher runs first; equal priorities run in order of ``run_at``.
+        attempts: attempts started so far (a claim counts, even if the worker dies).
+        max_attempts: attempts allowed before the job is dead-lettered.
+        state: ``waiting``, ``running``, ``retrying``, ``completed`` or ``dead``.
+        created_at: when it was enqueued (epoch seconds).
+        run_at: when it may run (later than ``created_at`` for delayed jobs and retries).
+        finished_at: when it completed or was dead-lettered.
+        dedupe_key: while a job with this key waits, enqueueing the same key returns it.
+        last_error: the last failed attempt's error.
+        history: every attempt so far.
+        lease_token: set on a claimed job: the proof a worker must show to finish it.
+        lease_expires_at: when the claim lapses unless renewed by a heartbeat.
+    """
+
+    id: str
+    queue: str
+    payload: JSON
+    priority: int = 0
+    attempts: int = 0
+    max_attempts: int = 3
+    state: JobState = "waiting"
+    created_at: float = 0.0
+    run_at: float = 0.0
+    finished_at: float | None = None
+    dedupe_key: str | None = None
+    last_error: JobError | None = None
+    history: tuple[Attempt, ...] = field(default=(), repr=False)
+    lease_token: str | None = field(default=None, repr=False)
+    lease_expires_at: float | None = None
+
+    def with_changes(self, **changes: object) -> Job:
+        """A copy with some fields changed."""
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """A job as ``enqueue`` hands it to a backend: validated and encoded.
+
+    Attributes:
+        id: the new job's id.
+        queue: the queue.
+        payload_json: the payload, encoded once as compact JSON.
+        priority: higher first.
+        run_at: when it may first run.
+        created_at: now.
+        max_attempts: attempts allowed.
+        dedupe_key: optional deduplication key.
+    """
+
+    id: str
+    queue: str
+    payload_json: str
+    priority: int
+    run_at: float
+    created_at: float
+    max_attempts: int
+    dedupe_key: str | None = None
+
+    def job(self) -> Job:
+        """The waiting job this describes."""
+        return Job(
+            id=self.id,
+            queue=self.queue,
+            payload=json.loads(self.payload_json),
+            priority=self.priority,
+            max_attempts=self.max_attempts,
+            created_at=self.created_at,
+            run_at=self.run_at,
+            dedupe_key=self.dedupe_key,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """How a queue stands.
+
+    Attributes:
+        waiting: ready to run now.
+        delayed: waiting for their ``run_at`` (first attempt).
+        running: claimed by a worker.
+        retrying: failed at least once and waiting for the next attempt.
+        dead: dead-lettered.
+        completed: done and kept until cleanup.
+        oldest_waiting_age: seconds the oldest ready job has been ready (0 if none).
+    """
+
+    waiting: int = 0
+    delayed: int = 0
+    running: int = 0
+    retrying: int = 0
+    dead: int = 0
+    completed: int = 0
+    oldest_waiting_age: float = 0.0
+
+
+def new_job_id() -> str:
+    """A fresh job id."""
+    return uuid.uuid4().hex
+
+
+def encode_payload(payload: object, *, queue: str, max_bytes: int) -> str:
+    """Encode a payload as compact JSON, refusing what cannot be stored faithfully.
+
+    Args:
+        payload: the job's data.
+        queue: the queue's name, for the error.
+        max_bytes: the largest encoded size accepted.
+
+    Returns:
+        The JSON text.
+
+    Raises:
+        JobRejected: not JSON-serialisable (including NaN and infinities, or keys that are
+            not strings) or larger than ``max_bytes``.
+    """
+    try:
+        text = json.dumps(payload, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise JobRejected(f"payload is not JSON-serialisable: {exc}", queue=queue) from exc
+    if not _keys_are_strings(payload):  # json.dumps would silently turn 1 into "1"
+        raise JobRejected("payload object keys must be strings", queue=queue)
+    size = len(text.encode("utf-8"))
+    if size > max_bytes:
+        raise JobRejected(f"payload is {size} bytes; the limit is {max_bytes}", queue=queue)
+    return text
+
+
+def _keys_are_strings(payload: object) -> bool:
+    stack = [payload]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if not all(isinstance(key, str) for key in item):
+                return False
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return True
+
+
+def is_finite_time(value: float) -> bool:
+    """Whether a timestamp or delay is a finite number."""
+    return math.isfinite(value)

@@ -1,0 +1,29 @@
+-- enqueue: store a new waiting job, or return the waiting job holding the same dedupe key.
+-- ARGV[3] id, ARGV[4] queue, ARGV[5] payload JSON, ARGV[6] priority, ARGV[7] run_at,
+-- ARGV[8] created_at, ARGV[9] max_attempts, ARGV[10] '1' with a dedupe key, ARGV[11] the key
+-- Returns {1} when stored, or {0, <the existing job's HGETALL>} when deduplicated.
+local id = ARGV[3]
+local deduped = ARGV[10] == '1'
+local dedupe_key = ARGV[11]
+if deduped then
+  local existing = redis.call('HGET', K_DEDUPE, dedupe_key)
+  if existing then
+    local state = redis.call('HGET', JOB .. existing, 'state')
+    if state == 'waiting' or state == 'retrying' then
+      return {0, redis.call('HGETALL', JOB .. existing)}
+    end
+  end
+end
+local key = JOB .. id
+local run_at = ARGV[7]
+redis.call('DEL', key)
+redis.call('HSET', key, 'id', id, 'queue', ARGV[4], 'payload', ARGV[5], 'priority', ARGV[6],
+  'attempts', '0', 'max_attempts', ARGV[9], 'state', 'waiting', 'created_at', ARGV[8],
+  'run_at', run_at, 'history', '[]')
+if deduped then
+  redis.call('HSET', key, 'dedupe_key', dedupe_key)
+  redis.call('HSET', K_DEDUPE, dedupe_key, id)
+end
+redis.call('ZADD', K_WAITING, run_at, id)
+schedule(id, key, run_at)
+return {1}

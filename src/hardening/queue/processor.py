@@ -1,0 +1,694 @@
+"""``QueueProcessor``: subclass it, implement ``process(job)``, and run workers.
+
+The retry policy (when is the next attempt, or is the job dead) is pure and written once; the
+thread driver (``run``, for plain ``def process``) and the asyncio driver (``arun``, for
+``async def process``) only do I/O. Backend calls from the asyncio driver run in worker threads,
+so the event loop never blocks on the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import math
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from hardening._backoff import Backoff
+from hardening._clock import Clock, SystemClock, to_seconds
+from hardening.errors import ConfigurationError, JobRejected, LeaseLost
+from hardening.queue.job import Job, JobError, NewJob, QueueStats, encode_payload, new_job_id
+
+if TYPE_CHECKING:
+    from hardening.metrics import Metrics
+    from hardening.queue.backends.base import QueueBackend
+    from hardening.ratelimit import RateLimiter
+
+__all__ = ["QueueOptions", "QueueProcessor", "backend_from_url", "next_run_at"]
+
+logger = logging.getLogger("hardening.queue")
+
+_DURATIONS = ("lease", "heartbeat", "retention", "poll_interval", "shutdown_grace")
+_OPTIONS = frozenset(
+    {
+        "queue",
+        "max_attempts",
+        "backoff",
+        "concurrency",
+        "rate_limit",
+        "max_payload_bytes",
+        "metrics_interval",
+        *_DURATIONS,
+    }
+)
+
+
+def next_run_at(job: Job, now: float, backoff: Backoff) -> float | None:
+    """The retry policy: when a failed job runs next, or ``None`` when it is dead.
+
+    Args:
+        job: the job whose attempt just failed (``attempts`` counts that attempt).
+        now: the current time.
+        backoff: the delay policy.
+
+    Returns:
+        The time of the next attempt, or ``None`` once ``max_attempts`` attempts were made.
+    """
+    if job.attempts >= job.max_attempts:
+        return None
+    return now + backoff.delay(job.attempts)
+
+
+def backend_from_url(url: str, *, clock: Clock | None = None) -> QueueBackend:
+    """Build a backend from a URL.
+
+    Args:
+        url: ``memory://``, any SQLAlchemy URL (``sqlite:///jobs.db``,
+            ``postgresql+psycopg://…``), or a Redis URL (``redis://``, ``rediss://``,
+            ``redis+cluster://``, ``redis+sentinel://``).
+        clock: the clock for leases and delays.
+
+    Returns:
+        The backend; backends built from a URL own their connections (``close()``).
+
+    Raises:
+        ConfigurationError: an unknown scheme.
+    """
+    from hardening._redis import client_from_url, is_redis_url
+
+    if url == "memory://":
+        from hardening.queue.backends.memory import MemoryBackend
+
+        return MemoryBackend(clock=clock)
+    if is_redis_url(url):
+        from hardening.queue.backends.redis import RedisBackend
+
+        return RedisBackend(client_from_url(url), clock=clock, owns_client=True)
+    scheme = url.split(":", 1)[0]
+    if scheme.startswith(("sqlite", "postgresql", "postgres", "mysql", "mariadb")):
+        from hardening.queue.backends.sql import SQLBackend
+
+        return SQLBackend(url, clock=clock)
+    raise ConfigurationError(f"unsupported queue backend URL {url!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class QueueOptions:
+    """A processor's options, resolved from class attributes and keyword arguments.
+
+    Durations are seconds; see :class:`QueueProcessor` for each one's meaning.
+    """
+
+    queue: str
+    max_attempts: int
+    backoff: Backoff
+    lease: float
+    heartbeat: float
+    concurrency: int
+    rate_limit: str | None
+    retention: float
+    poll_interval: float
+    shutdown_grace: float
+    max_payload_bytes: int
+    metrics_interval: float
+
+
+class QueueProcessor:
+    """Base class of a job queue's workers: subclass and implement :meth:`process`.
+
+    Options are class attributes, overridable per instance by keyword argument:
+    ``queue`` (name), ``max_attempts`` (3), ``backoff`` (a :class:`~hardening.Backoff` or base
+    seconds: exponential with full jitter), ``lease`` (30 s a claim lasts unless renewed),
+    ``heartbeat`` (10 s between renewals, from a separate thread, so CPU-bound jobs keep their
+    lease), ``concurrency`` (1), ``rate_limit`` (queue-global, e.g. ``"100/second"``),
+    ``retention`` (finished jobs kept 7 days), ``poll_interval`` (0.5 s idle wait),
+    ``shutdown_grace`` (30 s for in-flight jobs at shutdown), ``max_payload_bytes`` (1 MiB).
+
+    A plain ``def process`` runs in worker threads (:meth:`run`); an ``async def process``
+    runs on the event loop (:meth:`arun`). Delivery is at least once: a job whose worker dies
+    is re-delivered when its lease lapses, and that lost attempt counts toward
+    ``max_attempts``, so a poison job always ends in the dead letters.
+
+    Args:
+        backend: a :class:`~hardening.queue.QueueBackend` or a URL for :func:`backend_from_url`.
+        clock: the clock for backoff and metrics (give the backend the same one in tests).
+        metrics: a registry to report depth, durations and outcomes into.
+        rate_limit_storage: where ``rate_limit`` is counted (default: the Redis backend's
+            client, else in process); give a Redis URL to share it across SQL workers.
+        **options: any option above.
+
+    Raises:
+        ConfigurationError: an unknown or invalid option.
+    """
+
+    queue: ClassVar[str] = "default"
+    max_attempts: ClassVar[int] = 3
+    backoff: ClassVar[Backoff | float | timedelta] = Backoff(base=1.0, factor=2.0, cap=300.0)
+    lease: ClassVar[float | timedelta] = 30.0
+    heartbeat: ClassVar[float | timedelta] = 10.0
+    concurrency: ClassVar[int] = 1
+    rate_limit: ClassVar[str | None] = None
+    retention: ClassVar[float | timedelta] = 7 * 86400.0
+    poll_interval: ClassVar[float | timedelta] = 0.5
+    shutdown_grace: ClassVar[float | timedelta] = 30.0
+    max_payload_bytes: ClassVar[int] = 1 << 20
+    metrics_interval: ClassVar[float] = 10.0
+
+    def __init__(
+        self,
+        backend: QueueBackend | str = "memory://",
+        *,
+        clock: Clock | None = None,
+        metrics: Metrics | None = None,
+        rate_limit_storage: object | None = None,
+        **options: Any,
+    ) -> None:
+        unknown = set(options) - _OPTIONS
+        if unknown:
+            raise ConfigurationError(f"unknown queue options: {sorted(unknown)}")
+        settings = {name: options.get(name, getattr(type(self), name)) for name in _OPTIONS}
+        self.clock: Clock = clock or SystemClock()
+        self.metrics = metrics
+        durations = {name: to_seconds(settings[name], name=name) for name in _DURATIONS}
+        self.options = QueueOptions(
+            queue=_text(settings["queue"], "queue"),
+            max_attempts=_positive_int(settings["max_attempts"], "max_attempts"),
+            backoff=Backoff.of(settings["backoff"]),
+            concurrency=_positive_int(settings["concurrency"], "concurrency"),
+            rate_limit=settings["rate_limit"],
+            max_payload_bytes=_positive_int(settings["max_payload_bytes"], "max_payload_bytes"),
+            metrics_interval=to_seconds(settings["metrics_interval"], name="metrics_interval"),
+            poll_interval=max(durations.pop("poll_interval"), 0.001),
+            **durations,
+        )
+        if not 0 < self.options.heartbeat < self.options.lease:
+            raise ConfigurationError("heartbeat must be positive and shorter than lease")
+        self.queue_name = self.options.queue
+        self.backend: QueueBackend = (
+            backend_from_url(backend, clock=self.clock) if isinstance(backend, str) else backend
+        )
+        self._limiter = self._make_limiter(self.options.rate_limit, rate_limit_storage)
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self._stop = threading.Event()
+        self._async = inspect.iscoroutinefunction(self.process)
+        self._last_report = -math.inf
+        self._last_claim = -math.inf
+
+    def _make_limiter(self, rate: str | None, storage: object | None) -> RateLimiter | None:
+        if rate is None:
+            return None
+        from hardening.ratelimit import RateLimiter
+
+        if storage is None:
+            client = getattr(self.backend, "client", None)
+            storage = (
+                client if client is not None and hasattr(client, "register_script") else "memory://"
+            )
+        return RateLimiter(
+            rate,
+            storage=storage,
+            key_prefix="hardening:queue",
+            clock=self.clock,
+            on_backend_error="local",
+            strategy="moving-window",
+        )
+
+    # --- to override ---------------------------------------------------------------------
+
+    def process(self, job: Job) -> object:
+        """Do the job's work (override; ``def`` or ``async def``). Raise to fail the attempt.
+
+        Args:
+            job: the claimed job; its ``payload`` is the enqueued JSON.
+
+        Returns:
+            Anything; it is ignored.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement process(job)")
+
+    def on_success(self, job: Job) -> None:
+        """Called after a job completed (exceptions here are logged, never raised)."""
+
+    def on_failure(self, job: Job, exc: BaseException) -> None:
+        """Called after each failed attempt, including the last one."""
+
+    def on_dead(self, job: Job, exc: BaseException) -> None:
+        """Called when a job is dead-lettered (for alerting)."""
+
+    # --- producing -----------------------------------------------------------------------
+
+    def enqueue(
+        self,
+        payload: object,
+        *,
+        priority: int = 0,
+        delay: float | timedelta = 0,
+        dedupe_key: str | None = None,
+        session: object | None = None,
+    ) -> Job:
+        """Add a job to this processor's queue.
+
+        Args:
+            payload: JSON-serialisable data (object keys must be strings).
+            priority: higher runs first.
+            delay: seconds (or a timedelta) before it may run.
+            dedupe_key: while a job with this key is waiting, return it instead of adding one
+                (e.g. ``f"reindex:page:{page_id}"``).
+            session: with ``SQLBackend``, a SQLAlchemy session whose transaction the insert
+                joins: the job is committed with the caller's change, or not at all.
+
+        Returns:
+            The job (the existing one when deduplicated).
+
+        Raises:
+            JobRejected: the payload is not JSON-serialisable or too large, or an option is bad.
+        """
+        if isinstance(priority, bool) or not isinstance(priority, int) or abs(priority) > 10**6:
+            raise JobRejected(
+                f"priority must be an int within ±1,000,000, not {priority!r}",
+                queue=self.queue_name,
+            )
+        try:
+            wait = to_seconds(delay, name="delay")
+        except ConfigurationError as exc:
+            raise JobRejected(str(exc), queue=self.queue_name) from exc
+        if dedupe_key is not None and (not isinstance(dedupe_key, str) or len(dedupe_key) > 200):
+            raise JobRejected(
+                "dedupe_key must be a string of at most 200 characters", queue=self.queue_name
+            )
+        text = encode_payload(
+            payload, queue=self.queue_name, max_bytes=self.options.max_payload_bytes
+        )
+        now = self.clock.time()
+        new = NewJob(
+            id=new_job_id(),
+            queue=self.queue_name,
+            payload_json=text,
+            priority=priority,
+            run_at=now + wait,
+            created_at=now,
+            max_attempts=self.options.max_attempts,
+            dedupe_key=dedupe_key,
+        )
+        return self.backend.enqueue(new, session=session)
+
+    # --- operating -----------------------------------------------------------------------
+
+    def stats(self) -> QueueStats:
+        """Counts per state and the oldest waiting job's age."""
+        return self.backend.stats(self.queue_name)
+
+    def dead_letters(self, *, limit: int = 100) -> list[Job]:
+        """Dead-lettered jobs, most recent first."""
+        return self.backend.dead_letters(self.queue_name, limit=limit)
+
+    def requeue_dead(self, job_ids: Sequence[str] | None = None) -> int:
+        """Put dead jobs (all, or these) back to waiting with fresh attempts."""
+        return self.backend.requeue_dead(self.queue_name, job_ids)
+
+    def purge_dead(self, job_ids: Sequence[str] | None = None) -> int:
+        """Delete dead jobs (all, or these)."""
+        return self.backend.purge_dead(self.queue_name, job_ids)
+
+    def cleanup(self, older_than: float | timedelta | None = None) -> int:
+        """Delete finished (completed or dead) jobs older than ``older_than`` (default: retention).
+
+        Returns:
+            How many were deleted.
+        """
+        age = (
+            self.options.retention
+            if older_than is None
+            else to_seconds(older_than, name="older_than")
+        )
+        return self.backend.cleanup(self.queue_name, older_than=age)
+
+    def stop(self) -> None:
+        """Ask running workers to stop: no new claims; in-flight jobs get ``shutdown_grace``."""
+        self._stop.set()
+
+    # --- one attempt (shared by both drivers) --------------------------------------------
+
+    def _wait_for_rate_limit(self) -> None:
+        if self._limiter is None:
+            return
+        while not self._stop.is_set():
+            decision = self._limiter.hit(self.queue_name)
+            if decision.allowed:
+                return
+            self.clock.sleep(min(decision.retry_after or 0.01, 1.0))
+
+    def _succeeded(self, job: Job, duration: float) -> None:
+        try:
+            done = self.backend.ack(job)
+        except LeaseLost:
+            logger.warning("job %s finished after its lease was lost; not acked", job.id)
+            self._count(job, "lost", duration)
+            return
+        self._count(job, "completed", duration)
+        _guard(self.on_success, done)
+
+    def _failed(self, job: Job, exc: BaseException, duration: float) -> None:
+        retry_at = next_run_at(job, self.clock.time(), self.options.backoff)
+        try:
+            failed = self.backend.fail(job, JobError.from_exception(exc), retry_at=retry_at)
+        except LeaseLost:
+            logger.warning("job %s failed after its lease was lost; not recorded", job.id)
+            self._count(job, "lost", duration)
+            return
+        self._count(job, "dead" if retry_at is None else "failed", duration)
+        _guard(self.on_failure, failed, exc)
+        if retry_at is None:
+            logger.error(
+                "job %s dead-lettered after %d attempts", job.id, job.attempts, exc_info=exc
+            )
+            if self.metrics is not None:
+                self.metrics.job_dead_lettered(self.queue_name)
+            _guard(self.on_dead, failed, exc)
+
+    def _count(self, job: Job, outcome: str, duration: float) -> None:
+        if self.metrics is not None:
+            self.metrics.job_finished(self.queue_name, outcome, duration)
+
+    def _report_depth(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.metrics is None or (
+            not force and now - self._last_report < self.options.metrics_interval
+        ):
+            return
+        self._last_report = now
+        try:
+            stats = self.stats()
+        except Exception:
+            logger.warning("could not read queue stats for metrics", exc_info=True)
+            return
+        for state in ("waiting", "delayed", "running", "retrying", "dead", "completed"):
+            self.metrics.queue_depth(self.queue_name, state, getattr(stats, state))
+        self.metrics.queue_oldest_age(self.queue_name, stats.oldest_waiting_age)
+
+    def _run_sync_job(self, job: Job, inflight: dict[str, Job], lock: threading.Lock) -> None:
+        start = time.perf_counter()
+        try:
+            self._wait_for_rate_limit()
+            self.process(job)
+        except Exception as exc:
+            self._failed(job, exc, time.perf_counter() - start)
+        else:
+            self._succeeded(job, time.perf_counter() - start)
+        finally:
+            with lock:
+                inflight.pop(job.id, None)
+
+    # --- the thread driver ---------------------------------------------------------------
+
+    def run(self, *, install_signal_handlers: bool = True) -> None:
+        """Work until :meth:`stop` (or SIGTERM/SIGINT): claim, process, ack; blocking.
+
+        On stop, no new jobs are claimed, in-flight jobs get ``shutdown_grace`` seconds, and
+        any still running then are released back to the queue at once.
+
+        Args:
+            install_signal_handlers: handle SIGTERM and SIGINT (main thread only).
+        """
+        if self._async:
+            asyncio.run(self.arun(install_signal_handlers=install_signal_handlers))
+            return
+        with self._signals(install_signal_handlers):
+            self._run_threads(until_empty=False)
+
+    def run_until_empty(self) -> int:
+        """Process jobs until none is ready now; for tests and cron.
+
+        Delayed jobs and jobs backing off before a retry stay in the queue.
+
+        Returns:
+            How many attempts were made.
+        """
+        if self._async:
+            return asyncio.run(self.arun_until_empty())
+        return self._run_threads(until_empty=True)
+
+    @contextlib.contextmanager
+    def _signals(self, install: bool) -> Iterator[None]:
+        if not install or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+        for sig in previous:
+            signal.signal(sig, lambda *_: self.stop())
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _run_threads(self, *, until_empty: bool) -> int:
+        self._stop.clear()
+        inflight: dict[str, Job] = {}
+        lock = threading.Lock()
+        beat_stop = threading.Event()
+        beat = threading.Thread(
+            target=self._heartbeats,
+            args=(inflight, lock, beat_stop),
+            daemon=True,
+            name=f"hardening-heartbeat-{self.queue_name}",
+        )
+        beat.start()
+        pool = ThreadPoolExecutor(
+            self.options.concurrency, thread_name_prefix=f"hardening-{self.queue_name}"
+        )
+        futures: set[Future[None]] = set()
+        attempts = 0
+        idle = _Idle(self.options.poll_interval)
+        try:
+            while not self._stop.is_set():
+                self._report_depth()
+                futures = {f for f in futures if not f.done()}
+                free = self.options.concurrency - len(futures)
+                jobs = self._claim(free, idle) if self._should_claim(free, len(futures)) else []
+                for job in jobs:
+                    with lock:
+                        inflight[job.id] = job
+                    futures.add(pool.submit(self._run_sync_job, job, inflight, lock))
+                attempts += len(jobs)
+                if jobs:
+                    continue
+                if until_empty and not futures:
+                    break
+                if futures:
+                    wait(futures, timeout=idle.next(), return_when=FIRST_COMPLETED)
+                else:
+                    self._stop.wait(idle.next())
+        finally:
+            wait(futures, timeout=self.options.shutdown_grace)
+            with lock:
+                leftovers = list(inflight.values())
+            for job in leftovers:  # still running after the grace period: give them back
+                with contextlib.suppress(Exception):
+                    self.backend.release(job)
+                logger.warning("released job %s still running at shutdown", job.id)
+            beat_stop.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+            self._report_depth(force=True)
+        return attempts
+
+    def _should_claim(self, free: int, busy: int) -> bool:
+        # Claim in batches (half the slots or more) rather than a round trip per job, but
+        # never leave a free slot idle longer than the poll interval.
+        if free <= 0:
+            return False
+        now = time.monotonic()
+        if busy == 0 or free * 2 >= self.options.concurrency:
+            self._last_claim = now
+            return True
+        if now - self._last_claim >= self.options.poll_interval:
+            self._last_claim = now
+            return True
+        return False
+
+    def _claim(self, free: int, idle: _Idle) -> list[Job]:
+        try:
+            jobs = self.backend.claim(
+                self.queue_name, worker=self.worker_id, limit=free, lease=self.options.lease
+            )
+        except Exception:
+            logger.warning(
+                "claiming from queue %r failed; retrying", self.queue_name, exc_info=True
+            )
+            idle.failed()
+            return []
+        idle.reset() if jobs else idle.empty()
+        return jobs
+
+    def _heartbeats(
+        self, inflight: dict[str, Job], lock: threading.Lock, stop: threading.Event
+    ) -> None:
+        while not stop.wait(self.options.heartbeat):
+            self._beat(inflight, lock)
+
+    def _beat(self, inflight: dict[str, Job], lock: threading.Lock) -> None:
+        with lock:
+            jobs = list(inflight.values())
+        if not jobs:
+            return
+        try:
+            held = self.backend.heartbeat(self.queue_name, jobs, self.options.lease)
+        except Exception:
+            logger.warning("heartbeat failed; leases may lapse", exc_info=True)
+            return
+        for job in jobs:
+            if job.id not in held:
+                logger.warning("lost the lease on job %s (it may run again elsewhere)", job.id)
+
+    # --- the asyncio driver --------------------------------------------------------------
+
+    async def arun(self, *, install_signal_handlers: bool = True) -> None:
+        """The asyncio worker; stops on :meth:`stop`, SIGTERM or SIGINT.
+
+        ``async def process`` runs on this loop, ``concurrency`` at a time; backend calls run
+        in threads.
+
+        Args:
+            install_signal_handlers: handle SIGTERM and SIGINT (main thread only).
+        """
+        loop = asyncio.get_running_loop()
+        installed = []
+        if install_signal_handlers and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.add_signal_handler(sig, self.stop)
+                    installed.append(sig)
+        try:
+            await self._run_tasks(until_empty=False)
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+
+    async def arun_until_empty(self) -> int:
+        """The asyncio twin of :meth:`run_until_empty`."""
+        return await self._run_tasks(until_empty=True)
+
+    async def _run_async_job(self, job: Job, inflight: dict[str, Job]) -> None:
+        start = time.perf_counter()
+        try:
+            await asyncio.to_thread(self._wait_for_rate_limit)
+            if self._async:
+                await self.process(job)  # type: ignore[misc]
+            else:
+                await asyncio.to_thread(self.process, job)
+        except Exception as exc:
+            await asyncio.to_thread(self._failed, job, exc, time.perf_counter() - start)
+        else:
+            await asyncio.to_thread(self._succeeded, job, time.perf_counter() - start)
+        finally:
+            inflight.pop(job.id, None)
+
+    async def _run_tasks(self, *, until_empty: bool) -> int:
+        self._stop.clear()
+        inflight: dict[str, Job] = {}
+        lock = threading.Lock()
+        tasks: set[asyncio.Task[None]] = set()
+        attempts = 0
+        idle = _Idle(self.options.poll_interval)
+
+        async def beats() -> None:
+            while True:
+                await asyncio.sleep(self.options.heartbeat)
+                await asyncio.to_thread(self._beat, dict(inflight), lock)
+
+        beater = asyncio.create_task(beats())
+        try:
+            while not self._stop.is_set():
+                await asyncio.to_thread(self._report_depth)
+                tasks = {t for t in tasks if not t.done()}
+                free = self.options.concurrency - len(tasks)
+                claim = self._should_claim(free, len(tasks))
+                jobs = await asyncio.to_thread(self._claim, free, idle) if claim else []
+                for job in jobs:
+                    inflight[job.id] = job
+                    tasks.add(asyncio.create_task(self._run_async_job(job, inflight)))
+                attempts += len(jobs)
+                if jobs:
+                    continue
+                if until_empty and not tasks:
+                    break
+                if tasks:
+                    await asyncio.wait(
+                        tasks, timeout=idle.next(), return_when=asyncio.FIRST_COMPLETED
+                    )
+                else:
+                    await asyncio.sleep(idle.next())
+        finally:
+            if tasks:
+                await asyncio.wait(tasks, timeout=self.options.shutdown_grace)
+            for job in list(inflight.values()):
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(self.backend.release, job)
+                logger.warning("released job %s still running at shutdown", job.id)
+            for task in tasks:
+                task.cancel()
+            beater.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beater
+        return attempts
+
+    def close(self) -> None:
+        """Close the backend if this processor built it from a URL."""
+        self.backend.close()
+
+    def __repr__(self) -> str:
+        backend = type(self.backend).__name__
+        return f"{type(self).__name__}(queue={self.queue_name!r}, backend={backend})"
+
+
+class _Idle:
+    """How long to wait when there is nothing to claim.
+
+    The poll interval, or a growing backoff (to 30 s) while the backend is failing.
+    """
+
+    def __init__(self, poll: float) -> None:
+        self.poll = poll
+        self.wait = poll
+
+    def next(self) -> float:
+        return self.wait
+
+    def reset(self) -> None:
+        self.wait = self.poll
+
+    def empty(self) -> None:
+        self.wait = self.poll
+
+    def failed(self) -> None:
+        self.wait = min(30.0, max(self.wait * 2, self.poll))
+
+
+def _guard(hook: Callable[..., object], *args: object) -> None:
+    try:
+        hook(*args)
+    except Exception:
+        logger.exception("queue hook %s failed", getattr(hook, "__name__", hook))
+
+
+def _positive_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"{name} must be a positive integer, not {value!r}")
+    return value
+
+
+def _text(value: object, name: str) -> str:
+    if not isinstance(value, str) or not value or len(value) > 100:
+        raise ConfigurationError(f"{name} must be a non-empty string of at most 100 characters")
+    return value

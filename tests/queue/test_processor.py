@@ -1,0 +1,140 @@
+"""The worker drivers with real time: heartbeats, graceful shutdown, options."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from hardening import ConfigurationError
+from hardening.queue import Job, MemoryBackend, QueueProcessor
+
+
+class Busy(QueueProcessor):
+    """Spins the CPU (holding the GIL as much as Python lets it) for payload seconds."""
+
+    queue = "busy"
+
+    def process(self, job: Job) -> None:
+        end = time.monotonic() + float(job.payload)  # type: ignore[arg-type]
+        total = 0
+        while time.monotonic() < end:
+            total += sum(range(1000))
+
+
+def test_heartbeat_keeps_a_cpu_bound_job(caplog: pytest.LogCaptureFixture) -> None:
+    """A CPU-bound job running 3x its lease keeps it (heartbeat thread) and completes once."""
+    backend = MemoryBackend()
+    proc = Busy(backend, lease=0.4, heartbeat=0.1, poll_interval=0.01)
+    job = proc.enqueue(1.2)
+    assert proc.run_until_empty() == 1
+    done = backend.get("busy", job.id)
+    assert done is not None
+    assert (done.state, done.attempts) == ("completed", 1)
+    assert [a.outcome for a in done.history] == ["completed"]  # the lease never lapsed
+    assert "lost the lease" not in caplog.text
+
+
+class Blocking(QueueProcessor):
+    queue = "blocking"
+    concurrency = 2
+    shutdown_grace = 0.2
+    poll_interval = 0.01
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def process(self, job: Job) -> None:
+        if job.payload == "quick":
+            return
+        self.started.set()
+        self.release.wait(10)
+
+
+def test_graceful_shutdown_releases_unfinished_jobs() -> None:
+    """On stop: no new claims; quick jobs finish; jobs still running after the grace period
+    are released back to waiting with their attempt uncounted."""
+    backend = MemoryBackend()
+    proc = Blocking(backend)
+    slow = proc.enqueue("slow")
+    worker = threading.Thread(target=proc.run, kwargs={"install_signal_handlers": False})
+    worker.start()
+    assert proc.started.wait(10)
+    proc.enqueue("quick")
+    time.sleep(0.1)
+    proc.stop()
+    worker.join(timeout=10)
+    assert not worker.is_alive()
+    released = backend.get("blocking", slow.id)
+    assert released is not None
+    assert (released.state, released.attempts) == ("waiting", 0)
+    proc.release.set()
+
+
+def test_async_worker_stops_on_request() -> None:
+    """``arun`` stops when asked and leaves nothing running."""
+    import asyncio
+
+    class AsyncNoop(QueueProcessor):
+        queue = "async"
+        poll_interval = 0.01
+
+        async def process(self, job: Job) -> None:
+            await asyncio.sleep(0)
+
+    proc = AsyncNoop(MemoryBackend())
+    for i in range(20):
+        proc.enqueue(i)
+
+    async def main() -> None:
+        task = asyncio.create_task(proc.arun(install_signal_handlers=False))
+        while proc.stats().completed < 20:
+            await asyncio.sleep(0.01)
+        proc.stop()
+        await asyncio.wait_for(task, 10)
+
+    asyncio.run(main())
+    assert proc.stats().running == 0
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"max_attempts": 0},
+        {"concurrency": -1},
+        {"lease": 5, "heartbeat": 10},
+        {"queue": ""},
+        {"unknown": 1},
+        {"lease": "30"},
+    ],
+)
+def test_bad_options_are_configuration_errors(options: dict[str, Any]) -> None:
+    """Invalid options fail at construction."""
+    with pytest.raises(ConfigurationError):
+        Busy(MemoryBackend(), **options)
+
+
+def test_options_from_class_and_keywords() -> None:
+    """Class attributes are defaults; keyword arguments override them per instance."""
+    proc = Blocking(MemoryBackend(), concurrency=5)
+    assert (proc.options.concurrency, proc.options.shutdown_grace) == (5, 0.2)
+    assert proc.queue_name == "blocking"
+
+
+def test_process_must_be_implemented() -> None:
+    """A subclass without process() fails its jobs with NotImplementedError, clearly."""
+
+    class Empty(QueueProcessor):
+        queue = "empty"
+        max_attempts = 1
+
+    proc = Empty(MemoryBackend())
+    proc.enqueue("x")
+    proc.run_until_empty()
+    (dead,) = proc.dead_letters()
+    assert dead.last_error is not None
+    assert dead.last_error.type == "NotImplementedError"

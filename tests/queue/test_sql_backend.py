@@ -1,0 +1,134 @@
+"""SQL backend specifics on real SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from hardening import FakeClock
+from hardening.queue import Job, QueueProcessor
+from hardening.queue.backends.sql import SQLBackend
+
+
+class Indexer(QueueProcessor):
+    queue = "indexing"
+
+    def process(self, job: Job) -> None:
+        pass
+
+
+@pytest.fixture
+def sql_backend(sql_engine: sa.Engine) -> SQLBackend:
+    backend = SQLBackend(sql_engine, clock=FakeClock(1_700_000_000.0), table="indexing_queue")
+    backend.create_schema()
+    return backend
+
+
+def test_enqueue_joins_the_callers_transaction(sql_backend: SQLBackend) -> None:
+    """A job enqueued in a session commits with it, or vanishes with its rollback."""
+    proc = Indexer(sql_backend, clock=sql_backend.clock)
+    with Session(sql_backend.engine) as session:
+        proc.enqueue({"page": 1}, session=session)
+        session.rollback()
+    assert proc.stats().waiting == 0
+    with Session(sql_backend.engine) as session, session.begin():
+        kept = proc.enqueue({"page": 2}, session=session)
+        assert proc.stats().waiting == 0 or sql_backend.engine.dialect.name == "sqlite"
+    assert proc.stats().waiting == 1
+    assert sql_backend.get("indexing", kept.id) is not None
+
+
+def test_dedupe_inside_a_transaction(sql_backend: SQLBackend) -> None:
+    """Deduplication also works for jobs enqueued within a session."""
+    proc = Indexer(sql_backend, clock=sql_backend.clock)
+    with Session(sql_backend.engine) as session, session.begin():
+        first = proc.enqueue({"page": 3}, dedupe_key="reindex:3", session=session)
+        again = proc.enqueue({"page": 3}, dedupe_key="reindex:3", session=session)
+    assert again.id == first.id
+    assert proc.stats().waiting == 1
+
+
+def test_cleanup_of_ten_thousand_old_entries(sql_backend: SQLBackend) -> None:
+    """Cleanup deletes exactly the 10,000 old finished entries, in chunks."""
+    t = sql_backend.table
+    now = sql_backend.clock.time()
+    rows = [
+        {
+            "id": f"{i:032x}",
+            "queue": "indexing",
+            "payload": "{}",
+            "state": "completed",
+            "max_attempts": 3,
+            "created_at": now - 30 * 86400,
+            "run_at": now - 30 * 86400,
+            "finished_at": now - 8 * 86400,
+            "history": "[]",
+        }
+        for i in range(10_000)
+    ]
+    fresh = {**rows[0], "id": "f" * 32, "finished_at": now - 3600}
+    with sql_backend.engine.begin() as conn:
+        conn.execute(sa.insert(t), [*rows, fresh])
+    assert sql_backend.cleanup("indexing", older_than=7 * 86400) == 10_000
+    assert sql_backend.stats("indexing").completed == 1
+
+
+@pytest.mark.postgres
+def test_concurrent_claims_skip_locked(pg_engine: sa.Engine) -> None:
+    """8 threads claiming from 400 jobs on PostgreSQL: every job claimed exactly once."""
+    backend = SQLBackend(pg_engine)
+    backend.create_schema()
+    proc = Indexer(backend)
+    with pg_engine.begin() as conn:
+        now = backend.clock.time()
+        conn.execute(
+            sa.insert(backend.table),
+            [
+                {
+                    "id": f"{i:032x}",
+                    "queue": "indexing",
+                    "payload": "{}",
+                    "state": "waiting",
+                    "max_attempts": 3,
+                    "created_at": now,
+                    "run_at": now,
+                    "history": "[]",
+                }
+                for i in range(400)
+            ],
+        )
+    claimed: list[str] = []
+    lock = threading.Lock()
+
+    def worker(n: int) -> None:
+        while True:
+            jobs = backend.claim("indexing", worker=f"w{n}", limit=7, lease=60)
+            if not jobs:
+                return
+            with lock:
+                claimed.extend(job.id for job in jobs)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(claimed) == 400
+    assert len(set(claimed)) == 400
+    assert proc.stats().running == 400
+
+
+def test_url_builds_an_owned_engine(tmp_path: object) -> None:
+    """``backend_from_url('sqlite:///…')`` builds a working backend that closes its engine."""
+    from hardening.queue import backend_from_url
+
+    backend = backend_from_url(f"sqlite:///{tmp_path}/jobs.db")
+    assert isinstance(backend, SQLBackend)
+    backend.create_schema()
+    proc = Indexer(backend)
+    proc.enqueue({"x": 1})
+    assert proc.run_until_empty() == 1
+    backend.close()
