@@ -107,7 +107,7 @@ def ours_postgres(n: int) -> float:
 def arq_bench(n: int) -> float:
     from arq import create_pool
     from arq.connections import RedisSettings
-    from arq.worker import Worker
+    from arq.worker import Worker, func
 
     async def noop(ctx: dict[str, Any], i: int) -> None:
         return None
@@ -119,7 +119,7 @@ def arq_bench(n: int) -> float:
         for i in range(n):
             await pool.enqueue_job("noop", i, _queue_name=name)
         worker = Worker(
-            functions=[noop],
+            functions=[func(noop, name="noop")],
             redis_pool=pool,
             burst=True,
             queue_name=name,

@@ -91,6 +91,8 @@ if _typing.TYPE_CHECKING:
         QueueStats,
         backend_from_url,
     )
+    from hardening.queue.backends.redis import RedisBackend
+    from hardening.queue.backends.sql import SQLBackend, jobs_table
     from hardening.ratelimit import (
         AsyncRateLimiter,
         AsyncRateLimitStorage,
@@ -121,6 +123,9 @@ except _metadata.PackageNotFoundError:  # running from a source tree that was ne
 
 # Public name -> private module that defines it; imported on first attribute access.
 _LAZY: dict[str, str] = {
+    "SQLBackend": "hardening.queue.backends.sql",
+    "jobs_table": "hardening.queue.backends.sql",
+    "RedisBackend": "hardening.queue.backends.redis",
     "Attempt": "hardening.queue",
     "Job": "hardening.queue",
     "JobError": "hardening.queue",
@@ -245,8 +250,10 @@ __all__ = [  # noqa: RUF022
     "RateLimitState",
     "RateLimitStorage",
     "RateLimiter",
+    "RedisBackend",
     "RedisRateLimitStorage",
     "RequestInfo",
+    "SQLBackend",
     "SnapshotPolicy",
     "SystemClock",
     "TrustedProxies",
@@ -268,6 +275,7 @@ __all__ = [  # noqa: RUF022
     "gunicorn_child_exit",
     "if_match_version",
     "ip_key",
+    "jobs_table",
     "joined_key",
     "mark_process_dead",
     "on_conflict",

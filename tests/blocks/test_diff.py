@@ -357,9 +357,9 @@ def _random_item(rng: random.Random, serial: int) -> object:
 
 
 def test_round_trip_fuzz() -> None:
-    """5,000 seeded random edit scripts on block lists of up to 30 items round-trip exactly."""
+    """3,000 seeded random edit scripts on block lists of up to 30 items round-trip exactly."""
     rng = random.Random(6)
-    for _ in range(5000):
+    for _ in range(3000):
         old = [_random_item(rng, i) for i in range(rng.randint(0, 30))]
         new = copy.deepcopy(old)
         if rng.random() < 0.3:

@@ -547,9 +547,10 @@ class QueueProcessor:
         except Exception:
             logger.warning("heartbeat failed; leases may lapse", exc_info=True)
             return
-        for job in jobs:
-            if job.id not in held:
-                logger.warning("lost the lease on job %s (it may run again elsewhere)", job.id)
+        with lock:  # a job finished meanwhile is no longer running: not a lost lease
+            lost = [job.id for job in jobs if job.id not in held and job.id in inflight]
+        for job_id in lost:
+            logger.warning("lost the lease on job %s (it may run again elsewhere)", job_id)
 
     # --- the asyncio driver --------------------------------------------------------------
 
