@@ -403,8 +403,12 @@ class QueueProcessor:
             self._wait_for_rate_limit()
             self.process(job)
         except Exception as exc:
+            with lock:  # finishing: heartbeats stop renewing it (and never call it lost)
+                inflight.pop(job.id, None)
             self._failed(job, exc, time.perf_counter() - start)
         else:
+            with lock:
+                inflight.pop(job.id, None)
             self._succeeded(job, time.perf_counter() - start)
         finally:
             with lock:

@@ -154,6 +154,7 @@ class SQLBackend:
         self.clock: Clock = clock or SystemClock()
         self.metadata = sa.MetaData()
         self.table = jobs_table(self.metadata, table, schema=schema)
+        self._prepare()
 
     @contextlib.contextmanager
     def _state_change(self) -> Iterator[sa.Connection]:
@@ -203,14 +204,93 @@ class SQLBackend:
             lease_expires_at=row.lease_expires_at if row.state == "running" else None,
         )
 
-    def _append(self, entry: Attempt) -> Any:
-        """SQL for ``history`` with one more attempt appended (portable string concatenation)."""
+    def _append(self, entry: Attempt | None = None) -> Any:
+        """SQL for ``history`` with one more attempt appended (portable string concatenation).
+
+        Without ``entry`` the attempt's JSON is the bind parameter ``attempt``, so the statement
+        can be built once and reused.
+        """
         history = self.table.c.history
-        text = json.dumps(entry.to_dict(), separators=(",", ":"))
+        text: Any = (
+            sa.bindparam("attempt", type_=sa.Text)
+            if entry is None
+            else sa.literal(json.dumps(entry.to_dict(), separators=(",", ":")), sa.Text)
+        )
         return sa.case(
-            (history == "[]", sa.literal("[" + text + "]")),
+            (history == "[]", "[" + text + "]"),
             else_=sa.func.substr(history, 1, sa.func.length(history) - 1) + "," + text + "]",
         )
+
+    def _prepare(self) -> None:
+        """Build the hot statements once; calls only bind parameters.
+
+        SQLAlchemy's statement construction costs more Python time than a round trip to a
+        local database.
+        """
+        t = self.table
+        holding = sa.and_(
+            t.c.id == sa.bindparam("job_id"),
+            t.c.state == "running",
+            t.c.lease_token == sa.bindparam("p_token"),
+            t.c.lease_expires_at > sa.bindparam("p_now"),
+        )
+        done = {"lease_token": None, "lease_expires_at": None, "history": self._append()}
+        finish = sa.update(t).where(holding).returning(*t.c)
+        self._ack_stmt = finish.values(state="completed", finished_at=sa.bindparam("p_now"), **done)
+        self._dead_stmt = finish.values(
+            state="dead",
+            finished_at=sa.bindparam("p_now"),
+            last_error=sa.bindparam("error_json"),
+            **done,
+        )
+        self._retry_stmt = finish.values(
+            state="retrying",
+            run_at=sa.bindparam("retry_at"),
+            last_error=sa.bindparam("error_json"),
+            **done,
+        )
+        self._lapsed = (
+            sa.select(t.c.id)
+            .where(
+                t.c.queue == sa.bindparam("p_queue"),
+                t.c.state == "running",
+                t.c.lease_expires_at <= sa.bindparam("p_now"),
+            )
+            .limit(1)
+        )
+        self._claims: dict[int, Any] = {}
+
+    def _claim_statement(self, limit: int) -> Any:
+        statement = self._claims.get(limit)
+        if statement is None:
+            t = self.table
+            ids = (
+                sa.select(t.c.id)
+                .where(
+                    t.c.queue == sa.bindparam("p_queue"),
+                    t.c.state.in_(READY_STATES),
+                    t.c.run_at <= sa.bindparam("p_now"),
+                )
+                .order_by(t.c.priority.desc(), t.c.run_at)  # the ready index's order: no sort
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            )
+            statement = (
+                sa.update(t)
+                .where(t.c.id.in_(ids.scalar_subquery()), t.c.state.in_(READY_STATES))
+                .values(
+                    state="running",
+                    attempts=t.c.attempts + 1,
+                    lease_token=sa.bindparam("p_token"),
+                    lease_expires_at=sa.bindparam("p_expires"),
+                    started_at=sa.bindparam("p_now"),
+                    worker=sa.bindparam("p_worker"),
+                )
+                .returning(*t.c)
+            )
+            if len(self._claims) < 64:
+                self._claims[limit] = statement
+        return statement
 
     # --- producing ---------------------------------------------------------------------
 
@@ -276,31 +356,18 @@ class SQLBackend:
     def claim(self, queue: str, *, worker: str, limit: int, lease: float) -> list[Job]:
         """Recover lapsed leases, then lease up to ``limit`` ready jobs (``SKIP LOCKED``)."""
         now = self.clock.time()
-        t = self.table
         self._recover(queue, now)
         if limit <= 0:
             return []
+        params = {
+            "p_queue": queue,
+            "p_now": now,
+            "p_token": uuid.uuid4().hex,
+            "p_expires": now + lease,
+            "p_worker": worker,
+        }
         with self._state_change() as conn:
-            ids = (
-                sa.select(t.c.id)
-                .where(t.c.queue == queue, t.c.state.in_(READY_STATES), t.c.run_at <= now)
-                .order_by(t.c.priority.desc(), t.c.run_at, t.c.id)
-                .limit(limit)
-                .with_for_update(skip_locked=True)
-            )
-            rows = conn.execute(
-                sa.update(t)
-                .where(t.c.id.in_(ids.scalar_subquery()), t.c.state.in_(READY_STATES))
-                .values(
-                    state="running",
-                    attempts=t.c.attempts + 1,
-                    lease_token=uuid.uuid4().hex,
-                    lease_expires_at=now + lease,
-                    started_at=now,
-                    worker=worker,
-                )
-                .returning(*t.c)
-            ).all()
+            rows = conn.execute(self._claim_statement(limit), params).all()
         jobs = [self._job(row) for row in rows]
         jobs.sort(key=lambda j: (-j.priority, j.run_at, j.id))
         return jobs
@@ -309,7 +376,7 @@ class SQLBackend:
         t = self.table
         where = (t.c.queue == queue, t.c.state == "running", t.c.lease_expires_at <= now)
         with self._single.connect() as conn:  # the common case: nothing lapsed, one query
-            if conn.execute(sa.select(t.c.id).where(*where).limit(1)).first() is None:
+            if conn.execute(self._lapsed, {"p_queue": queue, "p_now": now}).first() is None:
                 return
         lapsed = sa.select(t.c.id).where(*where).with_for_update(skip_locked=True)
         error = json.dumps(LEASE_EXPIRED.to_dict())
@@ -360,43 +427,31 @@ class SQLBackend:
         return {row.id for row in rows}
 
     def _finish(
-        self, job: Job, values: dict[str, object], outcome: str, error: JobError | None
+        self, job: Job, statement: Any, outcome: str, error: JobError | None, **params: object
     ) -> Job:
         now = self.clock.time()
         last = job.history[-1] if job.history else Attempt(job.attempts, now)
         entry = Attempt(last.number, last.started_at, now, outcome, last.worker, error)
-        t = self.table
+        attempt = json.dumps(entry.to_dict(), separators=(",", ":"))
+        values = {"job_id": job.id, "p_token": job.lease_token, "p_now": now, "attempt": attempt}
         with self._state_change() as conn:
-            row = conn.execute(
-                sa.update(t)
-                .where(self._holding(job, now))
-                .values(
-                    **values, history=self._append(entry), lease_token=None, lease_expires_at=None
-                )
-                .returning(*t.c)
-            ).first()
+            row = conn.execute(statement, {**values, **params}).first()
         if row is None:
             raise LeaseLost(job.id, queue=job.queue)
         return self._job(row)
 
     def ack(self, job: Job) -> Job:
         """Mark a claimed job completed (``LeaseLost`` if the lease is gone)."""
-        return self._finish(
-            job, {"state": "completed", "finished_at": self.clock.time()}, "completed", None
-        )
+        return self._finish(job, self._ack_stmt, "completed", None)
 
     def fail(self, job: Job, error: JobError, *, retry_at: float | None) -> Job:
         """Record a failed attempt; retry at ``retry_at`` or dead-letter."""
         text = json.dumps(error.to_dict())
         if retry_at is None:
-            values: dict[str, object] = {
-                "state": "dead",
-                "finished_at": self.clock.time(),
-                "last_error": text,
-            }
-        else:
-            values = {"state": "retrying", "run_at": retry_at, "last_error": text}
-        return self._finish(job, values, "failed", error)
+            return self._finish(job, self._dead_stmt, "failed", error, error_json=text)
+        return self._finish(
+            job, self._retry_stmt, "failed", error, error_json=text, retry_at=retry_at
+        )
 
     def release(self, job: Job) -> None:
         """Give a claimed job back: waiting again, this attempt not counted."""
