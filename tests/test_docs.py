@@ -7,6 +7,8 @@ libraries that resolve annotations by module (SQLAlchemy) expect.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import re
 import sys
 import types
@@ -39,3 +41,18 @@ def test_doc_page_snippets_run(page: str) -> None:
             exec(compile(code, f"<docs/{page}.md snippet {number}>", "exec"), module.__dict__)
     finally:
         del sys.modules[name]
+        _release(module.__dict__)
+
+
+def _release(namespace: dict[str, object]) -> None:
+    """Close what a page's snippets opened (engines, backends), then collect garbage here, so a
+    leak is reported against this page and not against whichever test runs next."""
+    for value in list(namespace.values()):
+        for method in ("dispose", "close"):
+            close = getattr(value, method, None)
+            if callable(close) and not isinstance(value, type):
+                with contextlib.suppress(TypeError):  # needs arguments: not a closer
+                    close()
+                break
+    namespace.clear()
+    gc.collect()

@@ -234,12 +234,16 @@ class _Plan:
     def current(self) -> sa.Select[Any]:
         return self.info.current
 
-    def failure(self, current: int | None) -> ConflictError | NotFoundError:
+    def failure(
+        self, current: int | None, metrics: Metrics | None, events: ConflictEvents | None
+    ) -> ConflictError | NotFoundError:
+        """The error for an update that matched no row; conflicts are reported first."""
         if current is None:
             return NotFoundError(self.entity, self.pk)
-        return ConflictError(
+        conflict = ConflictError(
             self.entity, self.pk, expected_version=self.expected, current_version=current
         )
+        return _report(conflict, metrics, events)
 
     def synchronise(self, executor: object, new_version: int) -> None:
         """Keep a loaded ORM instance in step with the row, without another query."""
@@ -302,10 +306,7 @@ def update_versioned(
         new = expected_version + 1 if result.rowcount == 1 else None
     if new is None:
         current = session.execute(plan.current(), plan.key_params).scalar_one_or_none()
-        failure = plan.failure(current)
-        if isinstance(failure, ConflictError):
-            raise _report(failure, metrics, events)
-        raise failure
+        raise plan.failure(current, metrics, events)
     plan.synchronise(session, new)
     return int(new)
 
@@ -347,10 +348,7 @@ async def update_versioned_async(
         new = expected_version + 1 if result.rowcount == 1 else None
     if new is None:
         current = (await session.execute(plan.current(), plan.key_params)).scalar_one_or_none()
-        failure = plan.failure(current)
-        if isinstance(failure, ConflictError):
-            raise _report(failure, metrics, events)
-        raise failure
+        raise plan.failure(current, metrics, events)
     plan.synchronise(session, new)
     return int(new)
 

@@ -274,7 +274,7 @@ def test_unreachable_redis_is_backend_unavailable(clock: FakeClock) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    client = redis_py.Redis(port=port, socket_connect_timeout=0.5, retry_on_timeout=False)
+    client = redis_py.Redis(port=port, socket_connect_timeout=0.5)
     backend = RedisBackend(client, clock=clock)
     with pytest.raises(BackendUnavailable):
         backend.claim(QUEUE, worker="w", limit=1, lease=30)

@@ -198,6 +198,24 @@ class _LimiterBase:
             peek=peek,
         )
 
+    def _begin(
+        self, key: str, cost: int, tier: str | None, peek: bool
+    ) -> tuple[HitRequest, RateLimitDecision | None]:
+        """Everything before the storage call: the request, or a decision made without I/O.
+
+        Such decisions: an unlimited tier, a key blocked in process, or a storage backing off
+        after a failure.
+        """
+        request = self._request(key, cost, tier, peek)
+        if request is None:
+            return HitRequest(key, (), self._code), self._unlimited(key)
+        cached = self._cached_block(key, request)
+        if cached is not None:
+            return request, cached
+        if not self._health.usable():
+            return request, self._fallback(key, request)
+        return request, None
+
     # --- outcomes ----------------------------------------------------------------------
 
     def _cached_block(self, key: str, request: HitRequest) -> RateLimitDecision | None:
@@ -360,14 +378,9 @@ class RateLimiter(_LimiterBase):
         return self._check(key, 1, tier, peek=True)
 
     def _check(self, key: str, cost: int, tier: str | None, *, peek: bool) -> RateLimitDecision:
-        request = self._request(key, cost, tier, peek)
-        if request is None:
-            return self._unlimited(key)
-        cached = self._cached_block(key, request)
-        if cached is not None:
-            return cached
-        if not self._health.usable():
-            return self._fallback(key, request)
+        request, early = self._begin(key, cost, tier, peek)
+        if early is not None:
+            return early
         storage: RateLimitStorage = self._storage
         try:
             result = storage.hit(request)
@@ -487,14 +500,9 @@ class AsyncRateLimiter(_LimiterBase):
     async def _check(
         self, key: str, cost: int, tier: str | None, *, peek: bool
     ) -> RateLimitDecision:
-        request = self._request(key, cost, tier, peek)
-        if request is None:
-            return self._unlimited(key)
-        cached = self._cached_block(key, request)
-        if cached is not None:
-            return cached
-        if not self._health.usable():
-            return self._fallback(key, request)
+        request, early = self._begin(key, cost, tier, peek)
+        if early is not None:
+            return early
         storage = self._storage
         try:
             if isinstance(storage, MemoryRateLimitStorage):
