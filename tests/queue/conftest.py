@@ -13,6 +13,7 @@ import pytest
 
 from hardening import FakeClock
 from hardening.queue import MemoryBackend, QueueBackend
+from hardening.queue.job import NewJob, new_job_id
 
 BACKENDS = [
     "memory",
@@ -73,3 +74,17 @@ def make_processor(backend: QueueBackend, clock: FakeClock) -> Callable[..., Any
         return cls(backend, clock=clock, **options)
 
     return make
+
+
+def new_job(queue: str, now: float = 1_700_000_000.0, **fields: Any) -> NewJob:
+    """A validated job as ``enqueue`` would hand it to a backend (for backend-level tests)."""
+    return NewJob(
+        id=new_job_id(),
+        queue=queue,
+        payload_json=fields.pop("payload", "{}"),
+        priority=fields.pop("priority", 0),
+        run_at=fields.pop("run_at", now),
+        created_at=now,
+        max_attempts=fields.pop("max_attempts", 3),
+        dedupe_key=fields.pop("dedupe_key", None),
+    )

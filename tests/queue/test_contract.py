@@ -10,7 +10,8 @@ import pytest
 
 from hardening import Backoff, FakeClock, JobRejected, LeaseLost, Metrics
 from hardening.queue import Job, QueueBackend, QueueProcessor
-from hardening.queue.job import JobError, NewJob, new_job_id
+from hardening.queue.job import JobError, NewJob
+from tests.queue.conftest import new_job
 
 Make = Callable[..., Any]
 NO_JITTER = Backoff(base=10.0, factor=2.0, cap=1000.0, jitter=False)
@@ -45,17 +46,7 @@ class Recorder(QueueProcessor):
 
 
 def _new(queue: str = "contract", **fields: Any) -> NewJob:
-    now = fields.pop("now", 1_700_000_000.0)
-    return NewJob(
-        id=new_job_id(),
-        queue=queue,
-        payload_json=fields.pop("payload", "{}"),
-        priority=fields.pop("priority", 0),
-        run_at=fields.pop("run_at", now),
-        created_at=now,
-        max_attempts=fields.pop("max_attempts", 3),
-        dedupe_key=fields.pop("dedupe_key", None),
-    )
+    return new_job(queue, **fields)
 
 
 def test_enqueue_and_process(make_processor: Make) -> None:

@@ -11,6 +11,7 @@ import pytest
 
 from hardening import BackendUnavailable, ConfigurationError, FakeClock
 from hardening.queue.job import JobError, NewJob, new_job_id
+from tests.queue.conftest import new_job
 
 pytest.importorskip("redis")
 
@@ -24,16 +25,7 @@ ODD_QUEUES = ["q", "", "a{b}c", "}x", "{}", "%7B", "ünï ✓", "a:b*c"]
 
 
 def _new(queue: str = QUEUE, now: float = 1_700_000_000.0, **fields: Any) -> NewJob:
-    return NewJob(
-        id=new_job_id(),
-        queue=queue,
-        payload_json=fields.pop("payload", "{}"),
-        priority=fields.pop("priority", 0),
-        run_at=fields.pop("run_at", now),
-        created_at=now,
-        max_attempts=fields.pop("max_attempts", 3),
-        dedupe_key=fields.pop("dedupe_key", None),
-    )
+    return new_job(queue, now, **fields)
 
 
 @pytest.fixture

@@ -97,3 +97,11 @@ local function forget_if_empty()
   end
   redis.call('DEL', K_SEQ, K_READY, K_DELAYED, K_DEDUPE)
 end
+
+-- the dead jobs an operator named: every one when ARGV[3] is '1', else the ids in ARGV[4..]
+local function chosen_dead_ids()
+  if ARGV[3] == '1' then return redis.call('ZRANGE', K_DEAD, 0, -1) end
+  local ids = {}
+  for i = 4, #ARGV do ids[#ids + 1] = ARGV[i] end
+  return ids
+end

@@ -1,12 +1,7 @@
 -- purge_dead: delete dead jobs (all, or the ids given).
 -- ARGV[3] '1' for every dead job, else ARGV[4..] the ids
 -- Returns how many were deleted.
-local ids = {}
-if ARGV[3] == '1' then
-  ids = redis.call('ZRANGE', K_DEAD, 0, -1)
-else
-  for i = 4, #ARGV do ids[#ids + 1] = ARGV[i] end
-end
+local ids = chosen_dead_ids()
 local count = 0
 for _, id in ipairs(ids) do
   local key = JOB .. id
