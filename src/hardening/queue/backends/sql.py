@@ -11,10 +11,9 @@ is committed together with the change that caused it, or not at all.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from hardening._clock import Clock, SystemClock
@@ -121,12 +120,6 @@ class SQLBackend:
         clock: the clock deciding leases and delays (all workers need synchronised clocks).
         table: the table's name.
         schema: the database schema.
-        durable_acks: on PostgreSQL, wait for the WAL flush on claims, acks, failures,
-            heartbeats and releases too. Off by default: those run with a transaction-local
-            ``synchronous_commit = off`` (never changing your own sessions), which makes them
-            ~25x cheaper on a disk with slow fsync. If the *database server* crashes, the last
-            fraction of a second of such changes may be undone, which can only re-deliver a
-            job (at least once), never lose one; ``enqueue`` is always fully durable.
 
     Raises:
         ConfigurationError: the database is neither PostgreSQL nor SQLite.
@@ -139,7 +132,6 @@ class SQLBackend:
         clock: Clock | None = None,
         table: str = "hardening_jobs",
         schema: str | None = None,
-        durable_acks: bool = False,
     ) -> None:
         self._owns_engine = isinstance(engine, str)
         self.engine: sa.Engine = sa.create_engine(engine) if isinstance(engine, str) else engine
@@ -150,22 +142,10 @@ class SQLBackend:
         # Every step below is one atomic statement: run it in autocommit, one round trip,
         # rather than BEGIN + statement + COMMIT (same pool, same connections).
         self._single: sa.Engine = self.engine.execution_options(isolation_level="AUTOCOMMIT")
-        self._fast_commit = self._postgres and not durable_acks
         self.clock: Clock = clock or SystemClock()
         self.metadata = sa.MetaData()
         self.table = jobs_table(self.metadata, table, schema=schema)
         self._prepare()
-
-    @contextlib.contextmanager
-    def _state_change(self) -> Iterator[sa.Connection]:
-        """A connection for one claim/ack/fail/heartbeat/release statement."""
-        if not self._fast_commit:
-            with self._single.connect() as conn:
-                yield conn
-            return
-        with self.engine.begin() as conn:
-            conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
-            yield conn
 
     def create_schema(self) -> None:
         """Create the table and its indexes if they do not exist."""
@@ -235,7 +215,7 @@ class SQLBackend:
             t.c.lease_expires_at > sa.bindparam("p_now"),
         )
         done = {"lease_token": None, "lease_expires_at": None, "history": self._append()}
-        finish = sa.update(t).where(holding).returning(*t.c)
+        finish = sa.update(t).where(holding).returning(t.c.state, t.c.run_at, t.c.finished_at)
         self._ack_stmt = finish.values(state="completed", finished_at=sa.bindparam("p_now"), **done)
         self._dead_stmt = finish.values(
             state="dead",
@@ -259,6 +239,7 @@ class SQLBackend:
             .limit(1)
         )
         self._claims: dict[int, Any] = {}
+        self._insert = sa.insert(t)  # values are bound per call
 
     def _claim_statement(self, limit: int) -> Any:
         statement = self._claims.get(limit)
@@ -313,7 +294,11 @@ class SQLBackend:
             "history": "[]",
         }
         if job.dedupe_key is None:
-            self._execute(session, sa.insert(self.table).values(**values))
+            if session is not None:
+                session.execute(self._insert, values)  # type: ignore[attr-defined]
+            else:
+                with self._single.connect() as conn:
+                    conn.execute(self._insert, values)
             return job.job()
         for _ in range(3):  # the waiting twin may be claimed between our two statements
             # RETURNING, not rowcount: psycopg reports -1 for ON CONFLICT DO NOTHING
@@ -366,7 +351,7 @@ class SQLBackend:
             "p_expires": now + lease,
             "p_worker": worker,
         }
-        with self._state_change() as conn:
+        with self._single.connect() as conn:
             rows = conn.execute(self._claim_statement(limit), params).all()
         jobs = [self._job(row) for row in rows]
         jobs.sort(key=lambda j: (-j.priority, j.run_at, j.id))
@@ -420,25 +405,39 @@ class SQLBackend:
         now = self.clock.time()
         t = self.table
         held = sa.or_(*(self._holding(job, now) for job in jobs))
-        with self._state_change() as conn:
+        with self._single.connect() as conn:
             rows = conn.execute(
                 sa.update(t).where(held).values(lease_expires_at=now + lease).returning(t.c.id)
             ).all()
         return {row.id for row in rows}
 
     def _finish(
-        self, job: Job, statement: Any, outcome: str, error: JobError | None, **params: object
+        self,
+        job: Job,
+        statement: Any,
+        outcome: str,
+        error: JobError | None,
+        **params: object,
     ) -> Job:
         now = self.clock.time()
         last = job.history[-1] if job.history else Attempt(job.attempts, now)
         entry = Attempt(last.number, last.started_at, now, outcome, last.worker, error)
         attempt = json.dumps(entry.to_dict(), separators=(",", ":"))
         values = {"job_id": job.id, "p_token": job.lease_token, "p_now": now, "attempt": attempt}
-        with self._state_change() as conn:
+        with self._single.connect() as conn:
             row = conn.execute(statement, {**values, **params}).first()
         if row is None:
             raise LeaseLost(job.id, queue=job.queue)
-        return self._job(row)
+        # the worker holds the rest of the job: rebuild it without re-parsing the row
+        return job.with_changes(
+            state=row.state,
+            run_at=row.run_at,
+            finished_at=row.finished_at,
+            last_error=error if error is not None else job.last_error,
+            history=(*job.history[:-1], entry),
+            lease_token=None,
+            lease_expires_at=None,
+        )
 
     def ack(self, job: Job) -> Job:
         """Mark a claimed job completed (``LeaseLost`` if the lease is gone)."""
@@ -457,7 +456,7 @@ class SQLBackend:
         """Give a claimed job back: waiting again, this attempt not counted."""
         t = self.table
         now = self.clock.time()
-        with self._state_change() as conn:
+        with self._single.connect() as conn:
             conn.execute(
                 sa.update(t)
                 .where(t.c.id == job.id, t.c.state == "running", t.c.lease_token == job.lease_token)
