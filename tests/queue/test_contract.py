@@ -396,3 +396,27 @@ def test_queue_rate_limit_holds(make_processor: Make, clock: FakeClock) -> None:
     proc.run_until_empty()
     assert len(proc.seen) == 6
     assert clock.time() - start >= 2.0  # 6 jobs at 2 per second
+
+
+def test_ack_many_acks_held_jobs_and_reports_lost_ones(
+    backend: QueueBackend, clock: FakeClock
+) -> None:
+    """A batch ack completes every job whose lease is held and returns None for the others."""
+    for _ in range(4):
+        backend.enqueue(_new(now=clock.time()))
+    first = backend.claim("contract", worker="w", limit=1, lease=5)
+    clock.advance(6)  # the first claim lapses...
+    rest = backend.claim("contract", worker="w", limit=4, lease=30)  # ...and is reclaimed
+    assert len(rest) == 4
+    results = backend.ack_many([*first, *rest])
+    assert results[0] is None  # the stale token
+    done = results[1:]
+    assert all(job is not None and job.state == "completed" for job in done)
+    for job in done:
+        assert job is not None
+        stored = backend.get("contract", job.id)
+        assert stored is not None
+        assert stored.state == "completed"
+        assert stored.history[-1].outcome == "completed"
+    assert backend.ack_many(rest) == [None] * 4  # once only
+    assert backend.ack_many([]) == []

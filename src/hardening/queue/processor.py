@@ -397,7 +397,13 @@ class QueueProcessor:
             self.metrics.queue_depth(self.queue_name, state, getattr(stats, state))
         self.metrics.queue_oldest_age(self.queue_name, stats.oldest_waiting_age)
 
-    def _run_sync_job(self, job: Job, inflight: dict[str, Job], lock: threading.Lock) -> None:
+    def _run_sync_job(
+        self,
+        job: Job,
+        inflight: dict[str, Job],
+        lock: threading.Lock,
+        finished: list[tuple[Job, float]],
+    ) -> None:
         start = time.perf_counter()
         try:
             self._wait_for_rate_limit()
@@ -407,12 +413,33 @@ class QueueProcessor:
                 inflight.pop(job.id, None)
             self._failed(job, exc, time.perf_counter() - start)
         else:
-            with lock:
+            with lock:  # acked in a batch by the worker loop (one round trip per batch)
                 inflight.pop(job.id, None)
-            self._succeeded(job, time.perf_counter() - start)
+                finished.append((job, time.perf_counter() - start))
         finally:
             with lock:
                 inflight.pop(job.id, None)
+
+    def _ack_finished(self, finished: list[tuple[Job, float]], lock: threading.Lock) -> None:
+        with lock:
+            batch = finished[:]
+            finished.clear()
+        if not batch:
+            return
+        try:
+            results = self.backend.ack_many([job for job, _ in batch])
+        except Exception:  # the leases lapse and the jobs run again: at least once
+            logger.warning(
+                "acking %d jobs failed; they will be re-delivered", len(batch), exc_info=True
+            )
+            return
+        for (job, duration), done in zip(batch, results, strict=True):
+            if done is None:
+                logger.warning("job %s finished after its lease was lost; not acked", job.id)
+                self._count(job, "lost", duration)
+            else:
+                self._count(job, "completed", duration)
+                _guard(self.on_success, done)
 
     # --- the thread driver ---------------------------------------------------------------
 
@@ -473,6 +500,7 @@ class QueueProcessor:
             self.options.concurrency, thread_name_prefix=f"hardening-{self.queue_name}"
         )
         futures: set[Future[None]] = set()
+        finished: list[tuple[Job, float]] = []
         attempts = 0
         idle = _Idle(self.options.poll_interval)
         try:
@@ -480,11 +508,14 @@ class QueueProcessor:
                 self._report_depth()
                 futures = {f for f in futures if not f.done()}
                 free = self.options.concurrency - len(futures)
-                jobs = self._claim(free, idle) if self._should_claim(free, len(futures)) else []
+                claim = self._should_claim(free, len(futures))
+                if claim or not futures:  # ack in batches, at the pace of the claims
+                    self._ack_finished(finished, lock)
+                jobs = self._claim(free, idle) if claim else []
                 for job in jobs:
                     with lock:
                         inflight[job.id] = job
-                    futures.add(pool.submit(self._run_sync_job, job, inflight, lock))
+                    futures.add(pool.submit(self._run_sync_job, job, inflight, lock, finished))
                 attempts += len(jobs)
                 if jobs:
                     continue
@@ -496,6 +527,7 @@ class QueueProcessor:
                     self._stop.wait(idle.next())
         finally:
             wait(futures, timeout=self.options.shutdown_grace)
+            self._ack_finished(finished, lock)
             with lock:
                 leftovers = list(inflight.values())
             for job in leftovers:  # still running after the grace period: give them back

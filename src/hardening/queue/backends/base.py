@@ -64,6 +64,14 @@ class QueueBackend(Protocol):
         """
         ...
 
+    def ack_many(self, jobs: Sequence[Job]) -> list[Job | None]:
+        """Mark several claimed jobs completed, in one round trip where the store allows.
+
+        Returns:
+            Per job, in order: the completed job, or ``None`` where the lease was lost.
+        """
+        ...
+
     def fail(self, job: Job, error: JobError, *, retry_at: float | None) -> Job:
         """Record a failed attempt: retry at ``retry_at``, or dead-letter when ``None``.
 

@@ -6,7 +6,7 @@ import heapq
 import itertools
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from hardening._clock import Clock, SystemClock
@@ -22,7 +22,19 @@ from hardening.queue.job import (
     QueueStats,
 )
 
-__all__ = ["MemoryBackend"]
+__all__ = ["MemoryBackend", "ack_each"]
+
+
+def _or_none(ack: Callable[[Job], Job], job: Job) -> Job | None:
+    try:
+        return ack(job)
+    except LeaseLost:
+        return None
+
+
+def ack_each(ack: Callable[[Job], Job], jobs: Sequence[Job]) -> list[Job | None]:
+    """``ack_many`` for stores without a batch form: one ack per job, ``None`` when lost."""
+    return [_or_none(ack, job) for job in jobs]
 
 
 @dataclass
@@ -190,6 +202,10 @@ class MemoryBackend:
             )
             q.jobs[job.id] = done
             return done
+
+    def ack_many(self, jobs: Sequence[Job]) -> list[Job | None]:
+        """Ack each job; ``None`` where its lease is gone."""
+        return ack_each(self.ack, jobs)
 
     def fail(self, job: Job, error: JobError, *, retry_at: float | None) -> Job:
         """Record a failed attempt; retry at ``retry_at`` or dead-letter."""

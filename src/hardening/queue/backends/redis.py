@@ -38,6 +38,7 @@ from hardening._imports import require
 from hardening._redis import is_async_client, read_lua
 from hardening.errors import BackendUnavailable, ConfigurationError, LeaseLost
 from hardening.queue.backends.base import LEASE_EXPIRED
+from hardening.queue.backends.memory import ack_each
 from hardening.queue.job import Attempt, Job, JobError, JobState, NewJob, QueueStats
 
 _redis_exceptions = require("redis.exceptions", extra="redis", feature="the Redis queue backend")
@@ -313,6 +314,33 @@ class RedisBackend:
         if int(reply[0]) != 1:
             raise LeaseLost(job.id, queue=job.queue)
         return _job(job.queue, reply[1])
+
+    def ack_many(self, jobs: Sequence[Job]) -> list[Job | None]:
+        """Ack several jobs in one pipelined round trip (one script call each).
+
+        Args:
+            jobs: the jobs as claimed.
+
+        Returns:
+            Per job: the completed job, or ``None`` where the lease was lost.
+        """
+        if len(jobs) < 2 or hasattr(self.client, "get_node_from_key"):  # cluster: one by one
+            return ack_each(self.ack, jobs)
+        now = _number(self.clock.time())
+        script = self._scripts["ack"]
+        with _unavailable():
+            pipe = self.client.pipeline(transaction=False)
+            for job in jobs:
+                script(
+                    keys=self.queue_keys(job.queue),
+                    args=[self._job_prefix(job.queue), now, job.id, job.lease_token or ""],
+                    client=pipe,
+                )
+            replies = pipe.execute()
+        return [
+            _job(job.queue, reply[1]) if int(reply[0]) == 1 else None
+            for job, reply in zip(jobs, replies, strict=True)
+        ]
 
     def fail(self, job: Job, error: JobError, *, retry_at: float | None) -> Job:
         """Record a failed attempt: retry at ``retry_at``, or dead-letter when ``None``.

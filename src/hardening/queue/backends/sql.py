@@ -20,6 +20,7 @@ from hardening._clock import Clock, SystemClock
 from hardening._imports import require
 from hardening.errors import ConfigurationError, LeaseLost
 from hardening.queue.backends.base import LEASE_EXPIRED
+from hardening.queue.backends.memory import ack_each
 from hardening.queue.job import (
     FINISHED_STATES,
     READY_STATES,
@@ -442,6 +443,75 @@ class SQLBackend:
     def ack(self, job: Job) -> Job:
         """Mark a claimed job completed (``LeaseLost`` if the lease is gone)."""
         return self._finish(job, self._ack_stmt, "completed", None)
+
+    def ack_many(self, jobs: Sequence[Job]) -> list[Job | None]:
+        """Ack several jobs with one ``UPDATE … FROM (VALUES …)`` on PostgreSQL.
+
+        Each row still needs its own live lease (token and expiry) to be completed.
+
+        Args:
+            jobs: the jobs as claimed.
+
+        Returns:
+            Per job: the completed job, or ``None`` where the lease was lost.
+        """
+        if len(jobs) < 2 or not self._postgres:
+            return ack_each(self.ack, jobs)
+        now = self.clock.time()
+        t = self.table
+        entries = {}
+        rows = []
+        for job in jobs:
+            last = job.history[-1] if job.history else Attempt(job.attempts, now)
+            entries[job.id] = Attempt(
+                last.number, last.started_at, now, "completed", last.worker, None
+            )
+            text = json.dumps(entries[job.id].to_dict(), separators=(",", ":"))
+            rows.append((job.id, job.lease_token or "", text))
+        v = sa.values(
+            sa.column("v_id", sa.String),
+            sa.column("v_token", sa.String),
+            sa.column("v_attempt", sa.Text),
+            name="acks",
+        ).data(rows)
+        history = t.c.history
+        statement = (
+            sa.update(t)
+            .where(
+                t.c.id == v.c.v_id,
+                t.c.lease_token == v.c.v_token,
+                t.c.state == "running",
+                t.c.lease_expires_at > now,
+            )
+            .values(
+                state="completed",
+                finished_at=now,
+                lease_token=None,
+                lease_expires_at=None,
+                history=sa.case(
+                    (history == "[]", "[" + v.c.v_attempt + "]"),
+                    else_=sa.func.substr(history, 1, sa.func.length(history) - 1)
+                    + ","
+                    + v.c.v_attempt
+                    + "]",
+                ),
+            )
+            .returning(t.c.id, v.c.v_token)
+        )
+        with self._single.connect() as conn:  # (id, token): a stale twin of a job stays lost
+            acked = {(row.id, row.v_token) for row in conn.execute(statement)}
+        return [
+            job.with_changes(
+                state="completed",
+                finished_at=now,
+                history=(*job.history[:-1], entries[job.id]),
+                lease_token=None,
+                lease_expires_at=None,
+            )
+            if (job.id, job.lease_token or "") in acked
+            else None
+            for job in jobs
+        ]
 
     def fail(self, job: Job, error: JobError, *, retry_at: float | None) -> Job:
         """Record a failed attempt; retry at ``retry_at`` or dead-letter."""
