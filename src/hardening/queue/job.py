@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import traceback as tb
 import uuid
 from dataclasses import dataclass, field, replace
@@ -253,8 +252,3 @@ def _keys_are_strings(payload: object) -> bool:
         elif isinstance(item, (list, tuple)):
             stack.extend(item)
     return True
-
-
-def is_finite_time(value: float) -> bool:
-    """Whether a timestamp or delay is a finite number."""
-    return math.isfinite(value)

@@ -564,7 +564,7 @@ class QueueProcessor:
             )
             idle.failed()
             return []
-        idle.reset() if jobs else idle.empty()
+        idle.reset()  # the backend answered: back to the normal poll interval
         return jobs
 
     def _heartbeats(
@@ -703,9 +703,6 @@ class _Idle:
         return self.wait
 
     def reset(self) -> None:
-        self.wait = self.poll
-
-    def empty(self) -> None:
         self.wait = self.poll
 
     def failed(self) -> None:

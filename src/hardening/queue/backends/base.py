@@ -10,12 +10,13 @@ every backend through the same behaviours.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
+from hardening.errors import LeaseLost
 from hardening.queue.job import Job, JobError, NewJob, QueueStats
 
-__all__ = ["LEASE_EXPIRED", "QueueBackend"]
+__all__ = ["LEASE_EXPIRED", "QueueBackend", "ack_each"]
 
 LEASE_EXPIRED = JobError(
     "LeaseExpired", "the worker's lease lapsed before it finished (the worker died or stalled)"
@@ -111,3 +112,15 @@ class QueueBackend(Protocol):
     def close(self) -> None:
         """Release connections the backend opened itself."""
         ...
+
+
+def _or_none(ack: Callable[[Job], Job], job: Job) -> Job | None:
+    try:
+        return ack(job)
+    except LeaseLost:
+        return None
+
+
+def ack_each(ack: Callable[[Job], Job], jobs: Sequence[Job]) -> list[Job | None]:
+    """``ack_many`` for stores without a batch form: one ack per job, ``None`` when lost."""
+    return [_or_none(ack, job) for job in jobs]

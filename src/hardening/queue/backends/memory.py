@@ -6,12 +6,12 @@ import heapq
 import itertools
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from hardening._clock import Clock, SystemClock
 from hardening.errors import LeaseLost
-from hardening.queue.backends.base import LEASE_EXPIRED
+from hardening.queue.backends.base import LEASE_EXPIRED, ack_each
 from hardening.queue.job import (
     FINISHED_STATES,
     READY_STATES,
@@ -22,19 +22,7 @@ from hardening.queue.job import (
     QueueStats,
 )
 
-__all__ = ["MemoryBackend", "ack_each"]
-
-
-def _or_none(ack: Callable[[Job], Job], job: Job) -> Job | None:
-    try:
-        return ack(job)
-    except LeaseLost:
-        return None
-
-
-def ack_each(ack: Callable[[Job], Job], jobs: Sequence[Job]) -> list[Job | None]:
-    """``ack_many`` for stores without a batch form: one ack per job, ``None`` when lost."""
-    return [_or_none(ack, job) for job in jobs]
+__all__ = ["MemoryBackend"]
 
 
 @dataclass

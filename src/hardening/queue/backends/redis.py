@@ -37,8 +37,7 @@ from hardening._clock import Clock, SystemClock
 from hardening._imports import require
 from hardening._redis import is_async_client, read_lua
 from hardening.errors import BackendUnavailable, ConfigurationError, LeaseLost
-from hardening.queue.backends.base import LEASE_EXPIRED
-from hardening.queue.backends.memory import ack_each
+from hardening.queue.backends.base import LEASE_EXPIRED, ack_each
 from hardening.queue.job import Attempt, Job, JobError, JobState, NewJob, QueueStats
 
 _redis_exceptions = require("redis.exceptions", extra="redis", feature="the Redis queue backend")

@@ -19,8 +19,7 @@ from typing import Any
 from hardening._clock import Clock, SystemClock
 from hardening._imports import require
 from hardening.errors import ConfigurationError, LeaseLost
-from hardening.queue.backends.base import LEASE_EXPIRED
-from hardening.queue.backends.memory import ack_each
+from hardening.queue.backends.base import LEASE_EXPIRED, ack_each
 from hardening.queue.job import (
     FINISHED_STATES,
     READY_STATES,
