@@ -17,6 +17,8 @@ The tree::
     │   ├── PreconditionFailed                       If-Match did not match              412
     │   └── PreconditionRequired                     If-Match missing but required       428
     ├── UnsupportedMediaType                         wrong Content-Type for a patch      415
+    ├── MalformedBody (ValueError)                   a request body that does not parse  400
+    ├── PayloadTooLarge                              a request body over the size limit  413
     ├── PatchError (ValueError)                      a JSON Patch was refused            422
     │   ├── InvalidPatch                             malformed: bad op, pointer or type  422
     │   │   └── PatchLimitExceeded                   over a PatchLimits resource bound   413
@@ -43,12 +45,14 @@ __all__ = [
     "InvalidPatch",
     "JobRejected",
     "LeaseLost",
+    "MalformedBody",
     "NotFoundError",
     "PatchApplyError",
     "PatchConflict",
     "PatchError",
     "PatchLimitExceeded",
     "PatchTestFailed",
+    "PayloadTooLarge",
     "PreconditionError",
     "PreconditionFailed",
     "PreconditionRequired",
@@ -268,6 +272,40 @@ class UnsupportedMediaType(HardeningError):
         self.media_type = media_type
         self.accept_patch = accept_patch
         super().__init__(f"unsupported media type {media_type!r}; accepted: {accept_patch}")
+
+
+class MalformedBody(HardeningError, ValueError):
+    """A request body could not be parsed (not JSON, not UTF-8, nested too deep) (HTTP 400).
+
+    Args:
+        reason: what is wrong, in words (never the body itself).
+    """
+
+    http_status = 400
+    title = "Malformed request body"
+    _detail_fields: ClassVar[tuple[str, ...]] = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"malformed request body: {reason}")
+
+
+class PayloadTooLarge(HardeningError):
+    """A request body is larger than the configured limit (HTTP 413).
+
+    Args:
+        max_bytes: the limit.
+        received: the size announced by ``Content-Length`` or read so far, when known.
+    """
+
+    http_status = 413
+    title = "Payload too large"
+    _detail_fields: ClassVar[tuple[str, ...]] = ("max_bytes",)
+
+    def __init__(self, max_bytes: int, received: int | None = None) -> None:
+        self.max_bytes = max_bytes
+        self.received = received
+        super().__init__(f"request body larger than {max_bytes} bytes")
 
 
 class PatchError(HardeningError, ValueError):

@@ -184,7 +184,7 @@ def test_headers_describe_the_decision(harness: Harness) -> None:
     """Denied decisions carry X-RateLimit-*, RateLimit, RateLimit-Policy and Retry-After."""
     limiter = harness.make("2/minute;5/hour")
     ok = limiter.hit("k").headers()
-    assert ok["X-RateLimit-RateLimit"] == "2"
+    assert ok["X-RateLimit-Limit"] == "2"
     assert ok["X-RateLimit-Remaining"] == "1"
     assert ok["RateLimit-Policy"] == '"2-per-60s";q=2;w=60, "5-per-3600s";q=5;w=3600'
     assert '"2-per-60s";r=1;t=' in ok["RateLimit"]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import hashlib
 import inspect
 import logging
+import re
 import threading
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
@@ -16,7 +18,7 @@ from typing_extensions import Self
 
 from hardening._clock import Clock, SystemClock, to_seconds
 from hardening._redis import client_from_url, is_async_client, is_redis_url
-from hardening.errors import BackendUnavailable, ConfigurationError, RateLimitExceeded
+from hardening.errors import BackendUnavailable, ConfigurationError
 from hardening.ratelimit.policy import (
     STRATEGIES,
     HitRequest,
@@ -50,6 +52,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 KeyArg = str | Callable[..., str]
 
+_PREFIX_UNSAFE = re.compile(r"[^A-Za-z0-9_.:/*-]")  # braces would move Redis Cluster hash tags
 _MAX_KEY_CHARS = 200  # longer keys are hashed: bounded Redis key size whatever the input
 _BLOCK_CACHE_MAX = 10_000
 
@@ -110,6 +113,7 @@ class _LimiterBase:
                 f"on_backend_error must be 'allow', 'deny' or 'local', not {on_backend_error!r}"
             )
         self.limits: tuple[RateLimit, ...] = parse_limits(limits)
+        self._tier_specs: dict[str, TierSpec] = dict(tiers or {})
         self.tiers: dict[str, tuple[RateLimit, ...] | None] = parse_tiers(tiers, self.limits)
         self.strategy: Strategy = strategy
         self._code = STRATEGIES[strategy]
@@ -120,14 +124,52 @@ class _LimiterBase:
         self.metrics = metrics
         self.name = name
         self._storage = self._make_storage(storage)
-        self._local = MemoryRateLimitStorage(clock=self.clock)
+        self._owns_storage = True
         self._health = _BackendHealth(self.clock)
+        self._fresh_state()
+
+    def _fresh_state(self) -> None:
+        """The per-limits state: in-process fallback counters, block cache, windows."""
+        self._local = MemoryRateLimitStorage(clock=self.clock)
         self._blocked: dict[str, float] = {}  # storage key -> monotonic time the block ends
         self._blocked_lock = threading.Lock()
         windows = {limit.window for limit in self.limits}
         for tier_limits in self.tiers.values():
             windows.update(limit.window for limit in tier_limits or ())
         self._windows = frozenset(windows)
+
+    def with_limits(self, limits: LimitsSpec, *, name: str) -> Self:
+        """A limiter with other limits that shares this one's storage and settings.
+
+        Used for per-route rules: the strategy, ``block_for``, ``on_backend_error``, clock,
+        metrics and the storage (one Redis client, one backoff state) are shared; counters are
+        not, because the new limiter's keys carry ``name`` in their prefix. Tiers defined as
+        multipliers or as unlimited carry over; tiers with explicit limits do not (they were
+        written for the other limits) and get the new base limits.
+
+        Args:
+            limits: the new limits, as for the constructor.
+            name: the new limiter's name in metrics and in its key prefix.
+
+        Returns:
+            The new limiter. Closing it does nothing: close the limiter that owns the storage.
+
+        Raises:
+            ConfigurationError: ``limits`` is invalid.
+        """
+        clone = copy.copy(self)
+        clone.limits = parse_limits(limits)
+        clone._tier_specs = {
+            tier: spec
+            for tier, spec in self._tier_specs.items()
+            if spec is None or spec == "unlimited" or isinstance(spec, (int, float))
+        }
+        clone.tiers = parse_tiers(clone._tier_specs, clone.limits)
+        clone.name = name
+        clone.key_prefix = f"{self.key_prefix}:{_PREFIX_UNSAFE.sub('_', name)}"
+        clone._owns_storage = False
+        clone._fresh_state()
+        return clone
 
     def _make_storage(self, storage: object) -> Any:
         if isinstance(storage, str):
@@ -303,15 +345,6 @@ class _LimiterBase:
     def _unlimited(self, key: str) -> RateLimitDecision:
         return RateLimitDecision.unlimited(key, self.clock.time())
 
-    def _exceeded(self, decision: RateLimitDecision) -> RateLimitExceeded:
-        return RateLimitExceeded(
-            decision.key,
-            decision.retry_after or 0.0,
-            limit=f"{decision.limit}" if decision.limit is not None else "",
-            headers=decision.headers(),
-            decision=decision,
-        )
-
     def _key_of(self, key: KeyArg, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         return key(*args, **kwargs) if callable(key) else key
 
@@ -410,7 +443,7 @@ class RateLimiter(_LimiterBase):
     def close(self) -> None:
         """Close the Redis client if the limiter built it from a URL (idempotent)."""
         close = getattr(self._storage, "close", None)
-        if close is not None:
+        if close is not None and self._owns_storage:
             close()
 
     def __enter__(self) -> Self:
@@ -442,7 +475,7 @@ class RateLimiter(_LimiterBase):
                 async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
                     decision = self.hit(self._key_of(key, args, kwargs), cost=cost, tier=tier)
                     if not decision.allowed:
-                        raise self._exceeded(decision)
+                        raise decision.exceeded()
                     return await afunc(*args, **kwargs)
 
                 return cast(Callable[P, R], async_wrapper)
@@ -451,7 +484,7 @@ class RateLimiter(_LimiterBase):
             def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
                 decision = self.hit(self._key_of(key, args, kwargs), cost=cost, tier=tier)
                 if not decision.allowed:
-                    raise self._exceeded(decision)
+                    raise decision.exceeded()
                 return func(*args, **kwargs)
 
             return wrapper
@@ -537,7 +570,7 @@ class AsyncRateLimiter(_LimiterBase):
     async def aclose(self) -> None:
         """Close the Redis client if the limiter built it from a URL (idempotent)."""
         aclose = getattr(self._storage, "aclose", None)
-        if aclose is not None:
+        if aclose is not None and self._owns_storage:
             await aclose()
 
     async def __aenter__(self) -> Self:
@@ -573,7 +606,7 @@ class AsyncRateLimiter(_LimiterBase):
             async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
                 decision = await self.hit(self._key_of(key, args, kwargs), cost=cost, tier=tier)
                 if not decision.allowed:
-                    raise self._exceeded(decision)
+                    raise decision.exceeded()
                 return await func(*args, **kwargs)
 
             return wrapper

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, TypeAlias
 
-from hardening.errors import ConfigurationError
+from hardening.errors import ConfigurationError, RateLimitExceeded
 
 if TYPE_CHECKING:
     from collections import deque
@@ -392,10 +392,27 @@ class RateLimitDecision:
         """A decision for a key whose tier has no limit."""
         return cls(allowed=True, limit=None, remaining=0, reset_after=0.0, key=key, timestamp=now)
 
+    def exceeded(self) -> RateLimitExceeded:
+        """The error a denied call raises.
+
+        Returns:
+            A :class:`~hardening.RateLimitExceeded` with the binding limit (``"30/60s"``),
+            ``retry_after``, the headers and this decision.
+        """
+        refused = [state for state in self.states if state.retry_after is not None]
+        binding = max(refused, key=lambda state: state.retry_after or 0.0) if refused else None
+        return RateLimitExceeded(
+            self.key,
+            self.retry_after or 0.0,
+            limit=str(binding.limit) if binding else str(self.limit or ""),
+            headers=self.headers(),
+            decision=self,
+        )
+
     def headers(self) -> dict[str, str]:
         """The HTTP headers describing this decision.
 
-        ``X-RateLimit-RateLimit``, ``X-RateLimit-Remaining`` and ``X-RateLimit-Reset`` (epoch
+        ``X-RateLimit-Limit``, ``X-RateLimit-Remaining`` and ``X-RateLimit-Reset`` (epoch
         seconds, as GitHub and Flask-Limiter send it) for the binding limit; the IETF draft
         fields ``RateLimit-Policy`` (every limit: quota ``q`` and window ``w``) and
         ``RateLimit`` (every limit: remaining ``r`` and seconds to reset ``t``); and, when
@@ -410,7 +427,7 @@ class RateLimitDecision:
         if self.limit is None or (self.error and not self.states):
             return {"Retry-After": str(max(retry, 1))} if retry is not None else {}
         headers = {
-            "X-RateLimit-RateLimit": str(self.limit),
+            "X-RateLimit-Limit": str(self.limit),
             "X-RateLimit-Remaining": str(self.remaining),
             "X-RateLimit-Reset": str(math.ceil(self.timestamp + self.reset_after)),
         }

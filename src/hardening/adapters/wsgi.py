@@ -1,0 +1,525 @@
+"""PEP 3333 middleware and apps: rate limits, metrics, error mapping, body limits, /metrics.
+
+The twins of :mod:`hardening.adapters.asgi`, with the same names, options and behaviour. Each
+middleware wraps ``start_response`` (accepting ``exc_info`` and returning ``write``), returns
+the app's iterable as soon as the app does, never buffers it, and always calls its
+``close()``; every response it makes has a ``Content-Type``. Nothing is kept on the middleware
+per request, so they are safe under threaded servers. The order that reports everything
+(outermost first)::
+
+    app.wsgi_app = BodyLimitMiddleware(
+        MetricsMiddleware(RateLimitMiddleware(ErrorMiddleware(app.wsgi_app), limiter), metrics),
+        max_bytes=1_000_000,
+    )
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import inspect
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from http import HTTPStatus
+from types import TracebackType
+from typing import IO, TYPE_CHECKING, Any, Protocol
+
+from hardening.adapters._http import (
+    UNAUTHORIZED,
+    HealthReport,
+    PathMatcher,
+    RateLimitPlan,
+    RateLimitRule,
+    bearer_ok,
+    binding_headers,
+    check_names,
+    error_response,
+    method_not_allowed,
+    parse_content_length,
+    wsgi_path,
+    wsgi_request_info,
+    wsgi_route,
+)
+from hardening.errors import ConfigurationError, HardeningError, MalformedBody, PayloadTooLarge
+from hardening.ratelimit import RateLimiter, RequestInfo
+
+if TYPE_CHECKING:
+    from hardening.adapters._http import CheckResult, Cost, HeaderList, Tier
+    from hardening.metrics import Metrics
+    from hardening.ratelimit import KeyFunc, TrustedProxies
+
+__all__ = [
+    "BodyLimitMiddleware",
+    "ErrorMiddleware",
+    "MetricsMiddleware",
+    "RateLimitMiddleware",
+    "RateLimitRule",
+    "WSGIApp",
+    "flask_error_handler",
+    "health_app",
+    "metrics_app",
+]
+
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
+Environ = dict[str, Any]
+
+
+class StartResponse(Protocol):
+    """The ``start_response`` callable of PEP 3333."""
+
+    def __call__(
+        self,
+        status: str,
+        headers: list[tuple[str, str]],
+        exc_info: ExcInfo | None = ...,
+        /,
+    ) -> Callable[[bytes], object]: ...
+
+
+WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
+
+
+def _status_line(status: int) -> str:
+    try:
+        return f"{status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return f"{status} Unknown"
+
+
+def _respond(
+    start_response: StartResponse,
+    response: tuple[int, HeaderList, bytes],
+    *,
+    head: bool = False,
+    exc_info: ExcInfo | None = None,
+) -> list[bytes]:
+    status, headers, body = response
+    start_response(_status_line(status), [(n.title(), v) for n, v in headers], exc_info)
+    return [b"" if head else body]
+
+
+class RateLimitMiddleware:
+    """Rate-limit every HTTP request before the app sees it; 429 problem+json when denied.
+
+    Args:
+        app: the WSGI app.
+        limiter: the :class:`~hardening.RateLimiter` for every request, a limits string for an
+            in-memory one (``"100/minute"``), or ``None`` to apply only ``rules``.
+        key: who a request is; when it gives ``None`` the client IP is used. Defaults to the
+            client IP (``REMOTE_ADDR``, and ``X-Forwarded-For`` only from ``trusted_proxies``).
+        cost: units a request costs, or a function of the request.
+        tier: the tier, or a function of the request giving it.
+        rules: extra limits per method and path (``{"PATCH /pages/*": "30/minute"}`` or
+            :class:`RateLimitRule` items); every matching rule applies, then the main limiter.
+        bypass: an admin token (constant-time compare against ``bypass_header`` and
+            ``Authorization: Bearer``; at least 16 characters), or a function of the request.
+        bypass_header: the header carrying the bypass token.
+        exempt_paths: paths never limited.
+        trusted_proxies: networks whose ``X-Forwarded-For`` is believed.
+        headers: add the decision's ``X-RateLimit-*`` / ``RateLimit`` headers to responses.
+
+    Raises:
+        ConfigurationError: an option is invalid.
+    """
+
+    def __init__(
+        self,
+        app: WSGIApp,
+        limiter: RateLimiter | str | None,
+        *,
+        key: KeyFunc | None = None,
+        cost: Cost = 1,
+        tier: Tier = None,
+        rules: Mapping[str, object] | Iterable[RateLimitRule] = (),
+        bypass: str | Callable[[RequestInfo], object] | None = None,
+        bypass_header: str = "X-RateLimit-Bypass",
+        exempt_paths: Iterable[str] = (),
+        trusted_proxies: TrustedProxies | Iterable[str] = (),
+        headers: bool = True,
+    ) -> None:
+        self.app = app
+        self.plan = RateLimitPlan(
+            limiter,
+            RateLimiter,
+            key=key,
+            cost=cost,
+            tier=tier,
+            rules=rules,
+            bypass=bypass,
+            bypass_header=bypass_header,
+            exempt_paths=exempt_paths,
+            trusted_proxies=trusted_proxies,
+        )
+        self.headers = headers
+        self._bypass_key = "HTTP_" + bypass_header.upper().replace("-", "_")
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        """Run one request through the limits."""
+        plan = self.plan
+        if plan.exempt and plan.exempt.matches(wsgi_path(environ)):
+            return self.app(environ, start_response)
+        if self._bypassed(environ):
+            return self.app(environ, start_response)
+        request = wsgi_request_info(environ)
+        decisions = []
+        for limiter, key, cost, tier in plan.checks(request):
+            decision = limiter.hit(key, cost=cost, tier=tier)
+            if not decision.allowed:
+                return _respond(
+                    start_response,
+                    error_response(decision.exceeded()),
+                    head=request.method == "HEAD",
+                )
+            decisions.append(decision)
+        extra = [(n.title(), v) for n, v in binding_headers(decisions)] if self.headers else []
+        if not extra:
+            return self.app(environ, start_response)
+        names = {name.lower() for name, _ in extra}
+
+        def start_with_headers(
+            status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
+        ) -> Callable[[bytes], object]:
+            kept = [item for item in headers if item[0].lower() not in names]
+            return start_response(status, kept + extra, exc_info)
+
+        return self.app(environ, start_with_headers)
+
+    def _bypassed(self, environ: Environ) -> bool:
+        plan = self.plan
+        if plan.bypass_token is not None:
+            return plan.token_bypasses(
+                environ.get(self._bypass_key), environ.get("HTTP_AUTHORIZATION")
+            )
+        if plan.bypass_func is not None:
+            return bool(plan.bypass_func(wsgi_request_info(environ)))
+        return False
+
+
+class _Observed:
+    """The app's iterable, passed through chunk by chunk; the request ends at ``close()``."""
+
+    __slots__ = ("_error", "_finish", "_result")
+
+    def __init__(self, result: Iterable[bytes], finish: Callable[[str | None], None]) -> None:
+        self._result = result
+        self._finish = finish
+        self._error: str | None = None
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield from self._result
+        except BaseException as exc:
+            self._error = type(exc).__name__
+            raise
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._result, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._finish(self._error)
+
+
+class _ObservedSized(_Observed):
+    """:class:`_Observed` for an iterable with a length, which servers use for Content-Length."""
+
+    __slots__ = ()
+
+    def __len__(self) -> int:
+        return len(self._result)  # type: ignore[arg-type]
+
+
+class MetricsMiddleware:
+    """Observe every HTTP request in ``http_server_request_duration_seconds``.
+
+    One observation per request, labelled with the method, the route **template** the
+    framework matched (read after the call: Flask's ``url_rule``, Django's ``resolver_match``
+    through :class:`hardening.adapters.django.RouteMiddleware`, or ``environ["hardening.route"]``
+    set by any app; one shared value for unmatched paths) and the status. The request ends when
+    the server closes the response iterable (after its last chunk); an app that raises is
+    recorded as 500 with the exception's type. A ``wsgi.file_wrapper`` response is returned
+    untouched (so the server can still send the file efficiently) and timed until the app
+    returned it. ``http_server_active_requests`` counts requests in flight.
+
+    Args:
+        app: the WSGI app.
+        metrics: the registry.
+        exclude_paths: paths not observed.
+    """
+
+    def __init__(
+        self, app: WSGIApp, metrics: Metrics, *, exclude_paths: Iterable[str] = ()
+    ) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.exclude = PathMatcher(exclude_paths)
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        """Time one request."""
+        if self.exclude and self.exclude.matches(wsgi_path(environ)):
+            return self.app(environ, start_response)
+        timer = self.metrics.track_http_request(environ.get("REQUEST_METHOD", "GET"))
+        status = 0
+
+        def start_watching(
+            line: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
+        ) -> Callable[[bytes], object]:
+            nonlocal status
+            write = start_response(line, headers, exc_info)
+            status = int(line[:3]) if line[:3].isdigit() else 500
+            return write
+
+        def finish(error: str | None) -> None:
+            timer.finish(status or 500, wsgi_route(environ), error)
+
+        try:
+            result = self.app(environ, start_watching)
+        except BaseException as exc:
+            finish(type(exc).__name__)
+            raise
+        file_wrapper = environ.get("wsgi.file_wrapper")
+        if isinstance(file_wrapper, type) and isinstance(result, file_wrapper):
+            finish(None)
+            return result
+        if hasattr(result, "__len__"):
+            return _ObservedSized(result, finish)
+        return _Observed(result, finish)
+
+
+class ErrorMiddleware:
+    """Answer ``hardening`` errors raised by the app with their HTTP status as problem+json.
+
+    The same mapping as :class:`hardening.adapters.asgi.ErrorMiddleware`. Errors raised while
+    the server iterates the body (after the app returned) pass through, as do other
+    exceptions. A response the app had started is replaced through ``start_response``'s
+    ``exc_info``, as PEP 3333 allows until the headers are sent.
+
+    Args:
+        app: the WSGI app.
+    """
+
+    def __init__(self, app: WSGIApp) -> None:
+        self.app = app
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        """Run the app, mapping errors it raises."""
+        try:
+            return self.app(environ, start_response)
+        except HardeningError as exc:
+            return _respond(
+                start_response,
+                error_response(exc),
+                head=environ.get("REQUEST_METHOD") == "HEAD",
+                exc_info=(type(exc), exc, exc.__traceback__),
+            )
+
+
+def flask_error_handler(exc: HardeningError) -> tuple[bytes, int, list[tuple[str, str]]]:
+    """A Flask error handler answering ``hardening`` errors as problem+json.
+
+    Flask turns exceptions into 500 responses inside ``wsgi_app``, so :class:`ErrorMiddleware`
+    around it never sees them; register this instead::
+
+        app.register_error_handler(HardeningError, flask_error_handler)
+
+    Args:
+        exc: the error the view raised.
+
+    Returns:
+        ``(body, status, headers)``, which Flask turns into the response.
+    """
+    status, headers, body = error_response(exc)
+    return body, status, [(name.title(), value) for name, value in headers]
+
+
+class _BoundedInput:
+    """``wsgi.input`` that raises :class:`PayloadTooLarge` once more than the limit is read."""
+
+    def __init__(self, stream: IO[bytes], limit: int) -> None:
+        self._stream = stream
+        self._limit = limit
+        self._read = 0
+
+    def _count(self, data: bytes) -> bytes:
+        self._read += len(data)
+        if self._read > self._limit:
+            raise PayloadTooLarge(self._limit, self._read)
+        return data
+
+    def _size(self, size: int | None) -> int:
+        # never ask for more than one byte past the limit: a huge read cannot be buffered
+        room = self._limit - self._read + 1
+        return room if size is None or size < 0 else min(size, room)
+
+    def read(self, size: int | None = -1) -> bytes:
+        return self._count(self._stream.read(self._size(size)))
+
+    def readline(self, size: int | None = -1) -> bytes:
+        return self._count(self._stream.readline(self._size(size)))
+
+    def readlines(self, hint: int | None = -1) -> list[bytes]:
+        lines = []
+        while line := self.readline():
+            lines.append(line)
+            if hint is not None and hint > 0 and sum(map(len, lines)) >= hint:
+                break
+        return lines
+
+    def __iter__(self) -> Iterator[bytes]:
+        while line := self.readline():
+            yield line
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies over ``max_bytes`` with 413, by ``Content-Length`` and streaming.
+
+    A declared ``Content-Length`` over the limit is refused before the app runs; a malformed
+    one gets 400. A body without one (chunked, with ``wsgi.input_terminated``) is counted as
+    the app reads ``wsgi.input``: past the limit the read raises
+    :class:`~hardening.PayloadTooLarge`, which this middleware answers with 413. Allowed
+    bodies are never buffered.
+
+    Args:
+        app: the WSGI app.
+        max_bytes: the largest body allowed.
+    """
+
+    def __init__(self, app: WSGIApp, max_bytes: int) -> None:
+        if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 0:
+            raise ConfigurationError(f"max_bytes must be a non-negative integer, not {max_bytes!r}")
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        """Run the app with its body bounded."""
+        head = environ.get("REQUEST_METHOD") == "HEAD"
+        try:
+            declared = parse_content_length(environ.get("CONTENT_LENGTH") or None)
+        except MalformedBody as exc:
+            return _respond(start_response, error_response(exc), head=head)
+        limit = self.max_bytes
+        if declared is not None and declared > limit:
+            return _respond(
+                start_response, error_response(PayloadTooLarge(limit, declared)), head=head
+            )
+        if declared is None and "wsgi.input" in environ:
+            environ["wsgi.input"] = _BoundedInput(environ["wsgi.input"], limit)
+        try:
+            return self.app(environ, start_response)
+        except PayloadTooLarge as exc:
+            return _respond(
+                start_response,
+                error_response(exc),
+                head=head,
+                exc_info=(type(exc), exc, exc.__traceback__),
+            )
+
+
+def metrics_app(
+    metrics: Metrics, *, auth: str | Callable[[RequestInfo], object] | None = None
+) -> WSGIApp:
+    """The ``/metrics`` endpoint as a WSGI app.
+
+    Negotiates the format (Prometheus text, or OpenMetrics with exemplars), gzips when the
+    scraper accepts it, always sends ``Content-Type``, answers ``GET``/``HEAD`` (405 with a
+    body and a ``Content-Type`` otherwise).
+
+    Args:
+        metrics: the registry to expose.
+        auth: a bearer token (constant-time compare; 401 without it), or a function of the
+            request returning true to allow.
+
+    Returns:
+        The WSGI app.
+    """
+    token = auth.encode() if isinstance(auth, str) else None
+    check = auth if callable(auth) else None
+
+    def app(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        method = environ.get("REQUEST_METHOD", "GET")
+        if method not in ("GET", "HEAD"):
+            return _respond(start_response, method_not_allowed("GET, HEAD"))
+        head = method == "HEAD"
+        if token is not None and not bearer_ok(environ.get("HTTP_AUTHORIZATION"), token):
+            return _respond(start_response, UNAUTHORIZED, head=head)
+        if check is not None and not check(wsgi_request_info(environ)):
+            return _respond(start_response, UNAUTHORIZED, head=head)
+        body, headers = metrics.render_response(
+            environ.get("HTTP_ACCEPT"), environ.get("HTTP_ACCEPT_ENCODING")
+        )
+        return _respond(start_response, (200, list(headers.items()), body), head=head)
+
+    return app
+
+
+HealthCheck = Callable[[], object]
+
+
+def _call_check(check: HealthCheck) -> object:
+    if inspect.iscoroutinefunction(check):
+        return asyncio.run(check())
+    value = check()
+    if inspect.iscoroutine(value):
+        return asyncio.run(value)
+    return value
+
+
+def health_app(checks: Mapping[str, HealthCheck] | None = None, *, timeout: float = 2.0) -> WSGIApp:
+    """The ``/healthz`` endpoint as a WSGI app: named checks, each with a timeout.
+
+    Checks run concurrently in a small thread pool owned by the app. A check passes when it
+    returns anything but ``False``; it fails when it raises (its type is reported, never its
+    message), returns ``False`` or exceeds ``timeout`` (a check that hangs keeps its thread
+    until it returns). 200 when every check passes, else 503, with the JSON body of the ASGI
+    ``health_app``.
+
+    Args:
+        checks: name to a callable taking no arguments; async callables are run with
+            :func:`asyncio.run` in the pool thread.
+        timeout: seconds each check may take.
+
+    Returns:
+        The WSGI app.
+    """
+    named = check_names(checks or {})
+    pool = (
+        concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(4, 2 * len(named)), thread_name_prefix="hardening-health"
+        )
+        if named
+        else None
+    )
+
+    def app(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        method = environ.get("REQUEST_METHOD", "GET")
+        if method not in ("GET", "HEAD"):
+            return _respond(start_response, method_not_allowed("GET, HEAD"))
+        results: list[CheckResult] = []
+        if pool is not None:
+            start = time.perf_counter()
+            futures = {name: pool.submit(_timed, check) for name, check in named.items()}
+            concurrent.futures.wait(futures.values(), timeout=timeout)
+            for name, future in futures.items():
+                if not future.done():
+                    future.cancel()
+                    error = TimeoutError()
+                    results.append(HealthReport.failure(name, error, time.perf_counter() - start))
+                    continue
+                value, seconds, exc = future.result()
+                if exc is not None:
+                    results.append(HealthReport.failure(name, exc, seconds))
+                else:
+                    results.append(HealthReport.outcome(name, value, seconds))
+        return _respond(start_response, HealthReport.response(results), head=method == "HEAD")
+
+    return app
+
+
+def _timed(check: HealthCheck) -> tuple[object, float, BaseException | None]:
+    start = time.perf_counter()
+    try:
+        value = _call_check(check)
+    except Exception as exc:
+        return None, time.perf_counter() - start, exc
+    return value, time.perf_counter() - start, None
