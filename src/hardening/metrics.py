@@ -974,7 +974,8 @@ class Metrics:
 
         Args:
             queue: the queue's name.
-            state: the jobs' state, e.g. ``"ready"``, ``"scheduled"``, ``"running"``, ``"dead"``.
+            state: the jobs' state, e.g. ``"waiting"``, ``"delayed"``, ``"running"``,
+                ``"retrying"``, ``"dead"``.
             value: how many jobs are in that state.
         """
         self._builtin(GuardedGauge, _QUEUE_DEPTH).labels(queue, state).set(value)
@@ -993,7 +994,7 @@ class Metrics:
 
         Args:
             queue: the queue's name.
-            outcome: how the run ended, e.g. ``"succeeded"``, ``"failed"``, ``"retried"``.
+            outcome: how the run ended, e.g. ``"completed"``, ``"failed"``, ``"dead"``, ``"lost"``.
             duration: the run's duration in seconds.
         """
         self._builtin(GuardedHistogram, _JOB_DURATION).labels(queue, outcome).observe(duration)

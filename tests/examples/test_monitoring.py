@@ -145,7 +145,9 @@ def test_library_exports_the_families_the_examples_use() -> None:
 @pytest.fixture(scope="module")
 def rules() -> list[dict[str, Any]]:
     yaml = pytest.importorskip(
-        "yaml", reason="PyYAML is not installed (not a hardening dependency); promtool checks run"
+        "yaml",
+        reason="PyYAML is not installed (not a hardening dependency); "
+        "promtool still checks the rule files when it is on PATH",
     )
     found: list[dict[str, Any]] = []
     for name in RULE_FILES:

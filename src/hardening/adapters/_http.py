@@ -442,11 +442,27 @@ def _rule_list(rules: Mapping[str, object] | Iterable[RateLimitRule]) -> list[Ra
 
 def binding_headers(decisions: Sequence[RateLimitDecision]) -> HeaderList:
     """The headers of the decision with the least left, for an allowed response."""
-    limited = [d for d in decisions if d.limit is not None]
-    if not limited:
-        return []
-    tightest = min(limited, key=lambda d: d.remaining / max(d.limit or 1, 1))
-    return [(name.lower(), value) for name, value in tightest.headers().items()]
+    if len(decisions) == 1:
+        tightest = decisions[0]
+    else:
+        limited = [d for d in decisions if d.limit is not None]
+        if not limited:
+            return []
+        tightest = min(limited, key=lambda d: d.remaining / max(d.limit or 1, 1))
+    return [(_LOWER.get(name) or name.lower(), value) for name, value in tightest.headers().items()]
+
+
+_LOWER = {
+    name: name.lower()
+    for name in (
+        "X-RateLimit-Limit",
+        "X-RateLimit-Remaining",
+        "X-RateLimit-Reset",
+        "RateLimit-Policy",
+        "RateLimit",
+        "Retry-After",
+    )
+}
 
 
 # --- bodies -------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from hardening.errors import ConfigurationError
 
@@ -49,6 +50,7 @@ class RequestInfo:
 KeyFunc = Callable[[RequestInfo], "str | None"]
 
 
+@lru_cache(maxsize=4096)  # peers repeat; parsing costs microseconds on every request
 def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     text = text.strip().strip('"')
     if text.startswith("["):  # [v6]:port
@@ -62,6 +64,11 @@ def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     return ip
+
+
+@lru_cache(maxsize=4096)
+def _text(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    return str(ip)
 
 
 class TrustedProxies:
@@ -119,7 +126,7 @@ def client_ip(
     if ip is None:
         return peer or UNKNOWN_CLIENT
     if not forwarded_for or not proxies or not proxies.trusts(ip):
-        return str(ip)
+        return _text(ip)
     for hop in reversed(forwarded_for.split(",")):
         hop_ip = _parse_ip(hop)
         if hop_ip is None:
@@ -127,7 +134,7 @@ def client_ip(
         ip = hop_ip
         if not proxies.trusts(hop_ip):
             break
-    return str(ip)
+    return _text(ip)
 
 
 def ip_key(trusted_proxies: TrustedProxies | Iterable[str] = ()) -> KeyFunc:
