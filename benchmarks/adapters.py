@@ -2,9 +2,9 @@
 
 Run by hand on a quiet machine (``pip install -e '.[bench]'``, Redis on
 ``HARDENING_REDIS_URL`` or 127.0.0.1:6379, ``wrk`` on PATH for the HTTP part), then
-``python -m benchmarks.adapters`` from the repository root; it takes about three minutes. Every variant is the same
-Starlette app with one route ``/items/{item_id}`` answering ``ok``, limited per client IP with
-a limit it never reaches, with rate-limit headers on every response:
+``python -m benchmarks.adapters`` from the repository root; it takes about three minutes.
+Every variant is the same Starlette app with one route ``/items/{item_id}`` answering ``ok``,
+limited per client IP with a limit it never reaches, with rate-limit headers on every response:
 
 - ``none``: no limiter;
 - ``hardening``: ``RateLimitMiddleware(app, AsyncRateLimiter(...))`` (pure ASGI, one Lua call
@@ -57,6 +57,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REDIS_URL = os.environ.get("HARDENING_REDIS_URL", "redis://127.0.0.1:6379/0")
 LIMIT = "1000000000/minute"  # never reached: every variant does the full allowed path
 PREFIX = f"bench-adapters-{uuid.uuid4().hex[:8]}"
@@ -230,10 +231,8 @@ def over_http() -> dict[str, float]:
     try:
         for variant in VARIANTS:
             port = free_port()
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "benchmarks.adapters", "--serve", variant, "--port", str(port)],
-                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-            )
+            command = ["-m", "benchmarks.adapters", "--serve", variant, "--port", str(port)]
+            proc = subprocess.Popen([sys.executable, *command], cwd=ROOT)
             servers[variant] = (port, proc)
         for port, _ in servers.values():
             wait_ready(port)

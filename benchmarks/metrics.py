@@ -6,9 +6,9 @@ app with one route ``/items/{item_id}``; requests are direct in-process ASGI cal
 scope, no-op receive/send) on one event loop, timed in batches, best batch kept. Variants:
 
 - bare: no metrics;
-- hardening: a minimal pure-ASGI wrapper around ``Metrics.track_http_request`` (the observer
-  the adapters share): status from ``http.response.start``, route from ``scope["route"]`` after
-  the call, recorded in ``finally``;
+- hardening: ``hardening.adapters.asgi.MetricsMiddleware`` (status from
+  ``http.response.start``, route template from ``scope["route"]`` after the call, finished on
+  the last body chunk, disconnects watched);
 - starlette-exporter: ``PrometheusMiddleware`` with its defaults;
 - instrumentator: ``prometheus_fastapi_instrumentator.Instrumentator().instrument(app)``.
 
@@ -34,6 +34,7 @@ from starlette.routing import Route
 from starlette_exporter import PrometheusMiddleware
 
 from hardening import Metrics
+from hardening.adapters.asgi import MetricsMiddleware
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -44,37 +45,6 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 BATCH = 5_000
 ROUNDS = 15
 HANDLER_US = 1_000.0
-
-
-class MetricsWrapper:
-    """The minimal pure-ASGI metrics middleware the benchmark measures."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        request = self.metrics.track_http_request(scope["method"])
-        status = 500
-        error_type = None
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        except Exception as exc:
-            status, error_type = 500, type(exc).__qualname__
-            raise
-        finally:
-            route = scope.get("route")
-            request.finish(status, getattr(route, "path", None), error_type)
 
 
 async def item(request: Request) -> Response:
@@ -159,7 +129,7 @@ def main() -> None:
     Instrumentator().instrument(instrumented)
     apps: dict[str, ASGIApp] = {
         "bare": starlette_app(),
-        "hardening": MetricsWrapper(starlette_app(), metrics),
+        "hardening": MetricsMiddleware(starlette_app(), metrics),
         "starlette-exporter": exporter,
         "instrumentator": instrumented,
     }

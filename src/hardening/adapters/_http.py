@@ -389,6 +389,11 @@ class RateLimitPlan(Generic[L]):
         methods, path = _split_rule(rule.pattern)
         if isinstance(rule.limits, limiter_type):
             limiter = rule.limits
+        elif hasattr(rule.limits, "hit"):  # a limiter of the other kind (async vs blocking)
+            raise ConfigurationError(
+                f"rule {rule.pattern!r}: this middleware drives a {limiter_type.__name__}, "
+                f"not {type(rule.limits).__name__}"
+            )
         elif self.limiter is not None:
             derive = getattr(self.limiter, "with_limits")  # noqa: B009 - L is a type variable
             limiter = derive(rule.limits, name=rule.name or rule.pattern)
@@ -483,7 +488,7 @@ def parse_content_length(value: str | bytes | None) -> int | None:
     if value is None:
         return None
     text = value.decode("latin-1") if isinstance(value, bytes) else value
-    parts = {part.strip() for part in text.split(",")}
+    parts = {part.strip(" \t") for part in text.split(",")}  # OWS only, not any Unicode space
     if len(parts) != 1:
         raise MalformedBody("conflicting Content-Length values")
     (part,) = parts
@@ -529,7 +534,7 @@ def parse_json_body(
     if not text.strip():
         raise MalformedBody("the body is empty")
     try:
-        return json.loads(text, parse_constant=_refuse_constant)
+        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except json.JSONDecodeError as exc:
         raise MalformedBody(
             f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
@@ -542,6 +547,13 @@ def parse_json_body(
 
 def _refuse_constant(name: str) -> object:
     raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 would otherwise parse to infinity
+        raise ValueError("a number is out of range")
+    return value
 
 
 def parse_patch_body(body: bytes | str, content_type: str | None) -> list[Any]:
@@ -589,16 +601,20 @@ def asgi_route(scope: Mapping[str, Any], root_path: str) -> str | None:
         return None
     mounted = scope.get("root_path", "")
     if isinstance(mounted, str) and mounted.startswith(root_path) and mounted != root_path:
-        template = mounted[len(root_path) :] + template
+        prefix = mounted[len(root_path) :]
+        own = getattr(route, "path", None)
+        if hasattr(route, "routes") and isinstance(own, str) and prefix.endswith(own):
+            prefix = prefix[: len(prefix) - len(own)]  # a Mount: its path_format repeats it
+        template = prefix + template
     return template
 
 
 def wsgi_route(environ: Mapping[str, Any]) -> str | None:
     """The route template a WSGI framework matched, read after the call.
 
-    ``environ["hardening.route"]`` when an app set it (Django: add
-    :class:`hardening.adapters.django.RouteMiddleware`), else Flask's ``url_rule`` from the
-    request werkzeug keeps in ``environ["werkzeug.request"]``.
+    ``environ["hardening.route"]`` when an app set it (Flask: ``record_flask_routes``; Django:
+    :class:`hardening.adapters.django.RouteMiddleware`), else the ``url_rule`` of a werkzeug
+    request still in ``environ["werkzeug.request"]`` (Flask clears it before returning).
     """
     explicit = environ.get(ROUTE_KEY)
     if isinstance(explicit, str):

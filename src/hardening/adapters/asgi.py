@@ -79,10 +79,9 @@ async def _respond(
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers") or ():
-        if key.lower() == name:
-            return str(value.decode("latin-1"))
-    return None
+    """A header's value; repeated fields joined with ``", "`` (RFC 9110 §5.3), as WSGI does."""
+    values = [value for key, value in scope.get("headers") or () if key.lower() == name]
+    return b", ".join(values).decode("latin-1") if values else None
 
 
 class RateLimitMiddleware:
@@ -158,7 +157,8 @@ class RateLimitMiddleware:
         for limiter, key, cost, tier in plan.checks(request):
             decision = await limiter.hit(key, cost=cost, tier=tier)
             if not decision.allowed:
-                await _respond(send, error_response(decision.exceeded()))
+                head = scope.get("method") == "HEAD"
+                await _respond(send, error_response(decision.exceeded()), head=head)
                 return
             decisions.append(decision)
         extra = binding_headers(decisions) if self.headers else []
@@ -458,6 +458,8 @@ def health_app(checks: Mapping[str, HealthCheck] | None = None, *, timeout: floa
         start = time.perf_counter()
         try:
             value = await asyncio.wait_for(call(check), timeout)
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+            return HealthReport.failure(name, TimeoutError(), time.perf_counter() - start)
         except Exception as exc:
             return HealthReport.failure(name, exc, time.perf_counter() - start)
         return HealthReport.outcome(name, value, time.perf_counter() - start)

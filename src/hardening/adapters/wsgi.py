@@ -25,6 +25,7 @@ from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from hardening.adapters._http import (
+    ROUTE_KEY,
     UNAUTHORIZED,
     HealthReport,
     PathMatcher,
@@ -58,6 +59,7 @@ __all__ = [
     "flask_error_handler",
     "health_app",
     "metrics_app",
+    "record_flask_routes",
 ]
 
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
@@ -96,6 +98,30 @@ def _respond(
     status, headers, body = response
     start_response(_status_line(status), [(n.title(), v) for n, v in headers], exc_info)
     return [b"" if head else body]
+
+
+class _Started:
+    """``start_response`` remembering whether the app called it.
+
+    An error response passes ``exc_info`` only to replace a response the app had started:
+    servers and test clients (werkzeug's, httpx's ``WSGITransport``) re-raise any ``exc_info``
+    they are given, which would turn the mapped error back into an exception.
+    """
+
+    __slots__ = ("called", "start_response")
+
+    def __init__(self, start_response: StartResponse) -> None:
+        self.start_response = start_response
+        self.called = False
+
+    def __call__(
+        self, status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
+    ) -> Callable[[bytes], object]:
+        self.called = True
+        return self.start_response(status, headers, exc_info)
+
+    def exc_info(self, exc: BaseException) -> ExcInfo | None:
+        return (type(exc), exc, exc.__traceback__) if self.called else None
 
 
 class RateLimitMiddleware:
@@ -206,8 +232,13 @@ class _Observed:
         self._error: str | None = None
 
     def __iter__(self) -> Iterator[bytes]:
+        # a loop, not ``yield from``: when the server stops early, closing this generator must
+        # not close the app's iterable a second time (``close()`` below already did)
         try:
-            yield from self._result
+            for chunk in self._result:  # noqa: UP028
+                yield chunk
+        except GeneratorExit:
+            raise
         except BaseException as exc:
             self._error = type(exc).__name__
             raise
@@ -233,14 +264,16 @@ class _ObservedSized(_Observed):
 class MetricsMiddleware:
     """Observe every HTTP request in ``http_server_request_duration_seconds``.
 
-    One observation per request, labelled with the method, the route **template** the
-    framework matched (read after the call: Flask's ``url_rule``, Django's ``resolver_match``
-    through :class:`hardening.adapters.django.RouteMiddleware`, or ``environ["hardening.route"]``
-    set by any app; one shared value for unmatched paths) and the status. The request ends when
-    the server closes the response iterable (after its last chunk); an app that raises is
-    recorded as 500 with the exception's type. A ``wsgi.file_wrapper`` response is returned
-    untouched (so the server can still send the file efficiently) and timed until the app
-    returned it. ``http_server_active_requests`` counts requests in flight.
+    One observation per request, labelled with the method, the route **template** the framework
+    matched (Flask's ``url_rule``, recorded by :func:`record_flask_routes`, which this
+    middleware installs when it finds ``flask_app.wsgi_app`` down the ``.app`` chain; Django's
+    ``resolver_match`` through :class:`hardening.adapters.django.RouteMiddleware`; or
+    ``environ["hardening.route"]`` set by any app; one shared value for unmatched paths) and the
+    status. The request ends when the server closes the response iterable (after its last
+    chunk); an app that raises is recorded as 500 with the exception's type. A
+    ``wsgi.file_wrapper`` response is returned untouched (so the server can still send the file
+    efficiently) and timed until the app returned it. ``http_server_active_requests`` counts
+    requests in flight.
 
     Args:
         app: the WSGI app.
@@ -254,6 +287,13 @@ class MetricsMiddleware:
         self.app = app
         self.metrics = metrics
         self.exclude = PathMatcher(exclude_paths)
+        inner: object = app
+        for _ in range(16):  # down the ``.app`` chain of wrapping middleware to Flask's wsgi_app
+            owner = getattr(inner, "__self__", None)  # ``flask_app.wsgi_app`` is a bound method
+            if hasattr(owner, "url_map") and hasattr(owner, "before_request_funcs"):
+                record_flask_routes(owner)
+                break
+            inner = getattr(inner, "app", None)
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         """Time one request."""
@@ -287,6 +327,31 @@ class MetricsMiddleware:
         return _Observed(result, finish)
 
 
+def record_flask_routes(flask_app: Any) -> None:
+    """Make a Flask app record its matched ``url_rule`` where ``MetricsMiddleware`` reads it.
+
+    Flask drops its request object from the environ before ``wsgi_app`` returns, so the
+    middleware cannot read the match afterwards; this registers a first ``before_request``
+    hook copying ``request.url_rule.rule`` into ``environ["hardening.route"]``.
+    ``MetricsMiddleware`` calls it itself when it wraps ``flask_app.wsgi_app`` directly; call it
+    when other middleware sits in between. Idempotent.
+
+    Args:
+        flask_app: the ``flask.Flask`` application.
+    """
+    if getattr(flask_app, "_hardening_routes", False):
+        return
+    from flask import request
+
+    def record_route() -> None:
+        rule = request.url_rule
+        if rule is not None:
+            request.environ[ROUTE_KEY] = rule.rule
+
+    flask_app.before_request_funcs.setdefault(None, []).insert(0, record_route)
+    flask_app._hardening_routes = True
+
+
 class ErrorMiddleware:
     """Answer ``hardening`` errors raised by the app with their HTTP status as problem+json.
 
@@ -304,14 +369,15 @@ class ErrorMiddleware:
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         """Run the app, mapping errors it raises."""
+        started = _Started(start_response)
         try:
-            return self.app(environ, start_response)
+            return self.app(environ, started)
         except HardeningError as exc:
             return _respond(
                 start_response,
                 error_response(exc),
                 head=environ.get("REQUEST_METHOD") == "HEAD",
-                exc_info=(type(exc), exc, exc.__traceback__),
+                exc_info=started.exc_info(exc),
             )
 
 
@@ -405,14 +471,12 @@ class BodyLimitMiddleware:
             )
         if declared is None and "wsgi.input" in environ:
             environ["wsgi.input"] = _BoundedInput(environ["wsgi.input"], limit)
+        started = _Started(start_response)
         try:
-            return self.app(environ, start_response)
+            return self.app(environ, started)
         except PayloadTooLarge as exc:
             return _respond(
-                start_response,
-                error_response(exc),
-                head=head,
-                exc_info=(type(exc), exc, exc.__traceback__),
+                start_response, error_response(exc), head=head, exc_info=started.exc_info(exc)
             )
 
 
