@@ -1,0 +1,262 @@
+"""The pages service on ASGI (Starlette), wired with ``hardening``'s public API only.
+
+client → BodyLimit → Metrics → RateLimit (per IP; saves per user, tiers, admin bypass) →
+Starlette (ErrorMiddleware inside) → If-Match → DocumentHistory.save (optimistic lock,
+version + 1) + indexing job in the same transaction → IndexWorker → search index.
+
+Run it with ``python -m examples.pages_service`` (see ``__main__``), or under uvicorn with
+``uvicorn --factory examples.pages_service.app:app_from_env``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+import sqlalchemy as sa
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from examples.pages_service.store import Page, PageStore, Settings, check_blocks, make_engine
+from hardening import AsyncRateLimiter, MalformedBody, Metrics, RequestInfo, if_match_version
+from hardening.adapters import (
+    RateLimitRule,
+    parse_json_body,
+    parse_patch_body,
+    redis_check,
+    sql_check,
+)
+from hardening.adapters.asgi import (
+    ASGIApp,
+    BodyLimitMiddleware,
+    ErrorMiddleware,
+    MetricsMiddleware,
+    RateLimitMiddleware,
+    health_app,
+    metrics_app,
+)
+
+logger = logging.getLogger("pages_service")
+
+MAX_BODY = 2 * 1024 * 1024
+TIERS = {"free": 1, "pro": 5, "internal": None}  # multipliers of the save limit; None: unlimited
+
+
+class Identity:
+    """Who a request is: a bearer token from ``API_TOKENS``, else the ``X-User`` header.
+
+    ``X-User`` stands in for your real authentication; it decides only the save-limit key.
+    """
+
+    def __init__(self, tokens: dict[str, tuple[str, str]]) -> None:
+        self.tokens = tokens
+
+    def _token_entry(self, request: RequestInfo) -> tuple[str, str] | None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return self.tokens.get(token.strip()) if scheme.lower() == "bearer" else None
+
+    def user(self, request: RequestInfo) -> str | None:
+        """The user id, or ``None`` (the save limit then falls back to the client IP)."""
+        entry = self._token_entry(request)
+        if entry is not None:
+            return entry[0]
+        user = request.headers.get("x-user", "").strip()
+        return user[:64] or None
+
+    def user_key(self, request: RequestInfo) -> str | None:
+        """The save-limit key: ``user:<id>``."""
+        user = self.user(request)
+        return f"user:{user}" if user else None
+
+    def tier(self, request: RequestInfo) -> str:
+        """The tier of the caller's token; ``free`` without one."""
+        entry = self._token_entry(request)
+        return entry[1] if entry is not None else "free"
+
+
+def _page_response(page: Page, status: int = 200, **headers: str) -> JSONResponse:
+    return JSONResponse(page.to_json(), status_code=status, headers={"ETag": page.etag, **headers})
+
+
+def build_routes(store: PageStore) -> list[Route]:
+    """The HTTP endpoints over ``store``; blocking store calls run in the thread pool."""
+
+    async def create_page(request: Request) -> Response:
+        body = parse_json_body(await request.body(), request.headers.get("content-type"))
+        if not isinstance(body, dict) or "blocks" not in body:
+            raise MalformedBody('expected {"blocks": [...]}')
+        page = await run_in_threadpool(store.create, body["blocks"])
+        return _page_response(page, 201, Location=f"/pages/{page.id}")
+
+    async def get_page(request: Request) -> Response:
+        page = await run_in_threadpool(store.get, request.path_params["page_id"])
+        if request.headers.get("if-none-match") == page.etag:
+            return Response(status_code=304, headers={"ETag": page.etag})
+        return _page_response(page)
+
+    async def patch_page(request: Request) -> Response:
+        base = if_match_version(request.headers.get("if-match"), required=True)
+        ops = parse_patch_body(await request.body(), request.headers.get("content-type"))
+        page_id = request.path_params["page_id"]
+        if base is None:  # If-Match: * — patch whatever is current
+            base = (await run_in_threadpool(store.get, page_id)).version
+        page = await run_in_threadpool(store.patch, page_id, ops, base)
+        return _page_response(page)
+
+    async def put_page(request: Request) -> Response:
+        base = if_match_version(request.headers.get("if-match"), required=True)
+        body = parse_json_body(await request.body(), request.headers.get("content-type"))
+        if not isinstance(body, dict) or "blocks" not in body:
+            raise MalformedBody('expected {"blocks": [...]}')
+        blocks = check_blocks(body["blocks"])
+        page_id = request.path_params["page_id"]
+        if base is None:
+            base = (await run_in_threadpool(store.get, page_id)).version
+        page = await run_in_threadpool(store.replace, page_id, blocks, base)
+        return _page_response(page)
+
+    async def get_version(request: Request) -> Response:
+        page_id, number = request.path_params["page_id"], request.path_params["number"]
+        page = await run_in_threadpool(store.get, page_id, number)
+        return _page_response(page)
+
+    async def search(request: Request) -> Response:
+        query = request.query_params.get("q", "")[:200]
+        results = await run_in_threadpool(store.search, query)
+        return JSONResponse({"query": query, "results": results})
+
+    return [
+        Route("/pages", create_page, methods=["POST"]),
+        Route("/pages/{page_id}", get_page, methods=["GET"]),
+        Route("/pages/{page_id}", patch_page, methods=["PATCH"]),
+        Route("/pages/{page_id}", put_page, methods=["PUT"]),
+        Route("/pages/{page_id}/versions/{number:int}", get_version, methods=["GET"]),
+        Route("/search", search, methods=["GET"]),
+    ]
+
+
+class InProcessWorker:
+    """Runs the indexing worker in a thread of the web process (``WORKER_MODE=inprocess``)."""
+
+    def __init__(self, store: PageStore) -> None:
+        self.store = store
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the worker thread."""
+        self.thread = threading.Thread(
+            target=self.store.indexer.run,
+            kwargs={"install_signal_handlers": False},
+            name="pages-index-worker",
+            daemon=True,
+        )
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Stop claiming, let in-flight jobs finish, join the thread."""
+        if self.thread is not None:
+            self.store.indexer.stop()
+            self.thread.join(timeout=35)
+            self.thread = None
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    engine: sa.Engine | None = None,
+    metrics: Metrics | None = None,
+) -> ASGIApp:
+    """Build the whole service: the Starlette app inside the ``hardening`` middleware.
+
+    Args:
+        settings: the configuration (default: from the environment).
+        engine: the database engine (default: built from ``settings.database_url``).
+        metrics: the registry (default: a new one).
+
+    Returns:
+        The ASGI app; its lifespan creates the tables and starts/stops the in-process worker.
+    """
+    settings = settings or Settings.from_env()
+    engine = engine if engine is not None else make_engine(settings.database_url)
+    metrics = metrics or Metrics()
+    store = PageStore(engine, metrics=metrics)
+    worker = InProcessWorker(store) if settings.worker == "inprocess" else None
+    identity = Identity(dict(settings.api_tokens))
+
+    redis_client: Any = None
+    if settings.redis_url:
+        import redis.asyncio
+
+        redis_client = redis.asyncio.Redis.from_url(settings.redis_url)
+    storage: object = redis_client if redis_client is not None else "memory://"
+    per_ip = AsyncRateLimiter(
+        settings.ip_limit, storage=storage, metrics=metrics, name="per_ip", key_prefix="pages"
+    )
+    saves = AsyncRateLimiter(
+        settings.save_limit,
+        storage=storage,
+        block_for=settings.save_block_for,
+        tiers=TIERS,
+        metrics=metrics,
+        name="saves",
+        key_prefix="pages:saves",
+    )
+
+    checks: dict[str, Any] = {"database": sql_check(engine)}
+    if redis_client is not None:
+        checks["redis"] = redis_check(redis_client)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await run_in_threadpool(store.create_schema)
+        logger.info("pages service: %s", settings.describe())
+        if worker is not None:
+            worker.start()
+        try:
+            yield
+        finally:
+            if worker is not None:
+                await run_in_threadpool(worker.stop)
+            store.close()
+            if redis_client is not None:
+                await redis_client.aclose()
+
+    app = Starlette(
+        routes=[
+            *build_routes(store),
+            Route("/metrics", metrics_app(metrics)),
+            Route("/healthz", health_app(checks, timeout=2.0)),
+        ],
+        lifespan=lifespan,
+    )
+    app.add_middleware(ErrorMiddleware)  # inside Starlette's error handling, see the docs
+    app.state.store = store
+    app.state.metrics = metrics
+
+    limited = RateLimitMiddleware(
+        app,
+        per_ip,
+        rules=[  # a save is a create, a patch or a full replace
+            RateLimitRule(pattern, saves, key=identity.user_key, tier=identity.tier)
+            for pattern in ("POST /pages", "PATCH,PUT /pages/*")
+        ],
+        bypass=settings.admin_token,
+        exempt_paths=["/metrics", "/healthz"],
+        trusted_proxies=settings.trusted_proxies,
+    )
+    observed = MetricsMiddleware(limited, metrics, exclude_paths=["/metrics"])
+    return BodyLimitMiddleware(observed, max_bytes=MAX_BODY)
+
+
+def app_from_env() -> ASGIApp:
+    """The app configured from the environment (for ``uvicorn --factory``)."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return create_app(Settings.from_env())
