@@ -84,6 +84,18 @@ def _page_response(page: Page, status: int = 200, **headers: str) -> JSONRespons
     return JSONResponse(page.to_json(), status_code=status, headers={"ETag": page.etag, **headers})
 
 
+def _saved_response(request: Request, page: Page) -> JSONResponse:
+    """A save's answer: the new version and ETag; the blocks only if asked for.
+
+    The client already holds what it sent, so echoing a large page back is waste; RFC 7240's
+    ``Prefer: return=representation`` asks for it.
+    """
+    if "return=representation" in request.headers.get("prefer", ""):
+        return _page_response(page)
+    body = {"id": page.id, "version": page.version}
+    return JSONResponse(body, headers={"ETag": page.etag})
+
+
 def build_routes(store: PageStore) -> list[Route]:
     """The HTTP endpoints over ``store``; blocking store calls run in the thread pool."""
 
@@ -107,7 +119,7 @@ def build_routes(store: PageStore) -> list[Route]:
         if base is None:  # If-Match: * — patch whatever is current
             base = (await run_in_threadpool(store.get, page_id)).version
         page = await run_in_threadpool(store.patch, page_id, ops, base)
-        return _page_response(page)
+        return _saved_response(request, page)
 
     async def put_page(request: Request) -> Response:
         base = if_match_version(request.headers.get("if-match"), required=True)
@@ -119,7 +131,7 @@ def build_routes(store: PageStore) -> list[Route]:
         if base is None:
             base = (await run_in_threadpool(store.get, page_id)).version
         page = await run_in_threadpool(store.replace, page_id, blocks, base)
-        return _page_response(page)
+        return _saved_response(request, page)
 
     async def get_version(request: Request) -> Response:
         page_id, number = request.path_params["page_id"], request.path_params["number"]
