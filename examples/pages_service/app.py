@@ -208,7 +208,11 @@ def create_app(
         redis_client = redis.asyncio.Redis.from_url(settings.redis_url)
     storage: object = redis_client if redis_client is not None else "memory://"
     per_ip = AsyncRateLimiter(
-        settings.ip_limit, storage=storage, metrics=metrics, name="per_ip", key_prefix="pages"
+        settings.ip_limit,
+        storage=storage,
+        metrics=metrics,
+        name="per_ip",
+        key_prefix=settings.key_prefix,
     )
     saves = AsyncRateLimiter(
         settings.save_limit,
@@ -217,7 +221,7 @@ def create_app(
         tiers=TIERS,
         metrics=metrics,
         name="saves",
-        key_prefix="pages:saves",
+        key_prefix=f"{settings.key_prefix}:saves",
     )
 
     checks: dict[str, Any] = {"database": sql_check(engine)}

@@ -71,6 +71,7 @@ class Settings:
         save_limit: per-user limit on saves (``SAVE_LIMIT``, default ``30/minute``).
         save_block_for: seconds a user who exceeds it stays blocked (``SAVE_BLOCK_FOR``).
         ip_limit: per-IP limit on every request (``IP_LIMIT``, default ``600/minute``).
+        key_prefix: prefix of the rate-limit keys in Redis (``KEY_PREFIX``, default ``pages``).
     """
 
     database_url: str = "sqlite:///pages.db"
@@ -82,6 +83,7 @@ class Settings:
     save_limit: str = "30/minute"
     save_block_for: float = 60.0
     ip_limit: str = "600/minute"
+    key_prefix: str = "pages"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -109,6 +111,7 @@ class Settings:
             save_limit=env.get("SAVE_LIMIT") or cls.save_limit,
             save_block_for=float(env.get("SAVE_BLOCK_FOR") or cls.save_block_for),
             ip_limit=env.get("IP_LIMIT") or cls.ip_limit,
+            key_prefix=env.get("KEY_PREFIX") or cls.key_prefix,
         )
 
     def describe(self) -> str:

@@ -60,3 +60,11 @@ def wsgi_application() -> Any:
     from django.core.wsgi import get_wsgi_application
 
     return get_wsgi_application()
+
+
+def asgi_application() -> Any:
+    """The project served as an ASGI app (``django.core.asgi.get_asgi_application``)."""
+    setup()
+    from django.core.asgi import get_asgi_application
+
+    return get_asgi_application()

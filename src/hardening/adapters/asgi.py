@@ -170,8 +170,10 @@ class RateLimitMiddleware:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                kept = [item for item in message.get("headers", ()) if item[0].lower() not in names]
-                message = {**message, "headers": kept + raw}
+                headers = list(message.get("headers", ()))
+                # an app that reports its own limit (a 429 from ``limiter.limit``) keeps it
+                if not any(name.lower() in names for name, _ in headers):
+                    message = {**message, "headers": headers + raw}
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

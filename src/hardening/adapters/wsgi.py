@@ -205,8 +205,10 @@ class RateLimitMiddleware:
         def start_with_headers(
             status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
         ) -> Callable[[bytes], object]:
-            kept = [item for item in headers if item[0].lower() not in names]
-            return start_response(status, kept + extra, exc_info)
+            # an app that reports its own limit (a 429 from ``limiter.limit``) keeps it
+            if not any(name.lower() in names for name, _ in headers):
+                headers = headers + extra
+            return start_response(status, headers, exc_info)
 
         return self.app(environ, start_with_headers)
 
