@@ -158,7 +158,7 @@ class PagesClient:
                     self.stats.conflicts += 1
                     raise
                 base, version = theirs.blocks, theirs.version
-                current = apply_patch(theirs.blocks, ops)  # type: ignore[assignment]
+                current = apply_patch(theirs.blocks, ops)
                 continue
             if response.status_code == 429:
                 self.stats.waits_429 += 1
@@ -238,7 +238,7 @@ class Debouncer:
                 base=sent,
                 head_patches=[diff_blocks(sent, saved.blocks)],
             )
-            self.working = apply_patch(copy.deepcopy(saved.blocks), ops)  # type: ignore[assignment]
+            self.working = apply_patch(copy.deepcopy(saved.blocks), ops)
 
     async def flush(self) -> LocalPage:
         """Save pending edits now; return the saved page."""

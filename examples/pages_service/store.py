@@ -22,7 +22,7 @@ import uuid
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -298,7 +298,7 @@ class PageStore:
             current = self.history.load(page_id, session=session)
             if current.version != base_version:
                 raise _stale(base_version, current.version)
-            ops = diff_blocks(current.content, checked)
+            ops = diff_blocks(check_blocks(current.content), checked)
             if not ops:
                 return Page(page_id, current.version, checked)
             try:
@@ -403,7 +403,7 @@ class IndexWorker(QueueProcessor):
                 set_={"version": insert.excluded.version},
                 where=page_index.c.version < insert.excluded.version,
             )
-            if session.execute(claim).rowcount == 0:
+            if cast(sa.CursorResult[Any], session.execute(claim)).rowcount == 0:
                 return  # this version, or a newer one, is indexed already
             words = words_of(head.content)
             session.execute(sa.delete(page_words).where(page_words.c.page_id == page_id))
@@ -415,8 +415,6 @@ class IndexWorker(QueueProcessor):
 
 
 def _dialect_insert(engine: sa.Engine) -> Any:
-    if engine.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    return insert
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    return postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
