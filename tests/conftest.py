@@ -185,6 +185,15 @@ def free_port(*, cluster: bool = False) -> int:
     raise RuntimeError("no free loopback port found")
 
 
+def gunicorn_options() -> list[str]:
+    """``--no-control-socket`` where gunicorn has one (newer versions open a control socket at
+    one fixed path in $HOME, which concurrent servers would fight over)."""
+    from gunicorn.config import KNOWN_SETTINGS
+
+    options = {cli for setting in KNOWN_SETTINGS for cli in (setting.cli or ())}
+    return ["--no-control-socket"] if "--no-control-socket" in options else []
+
+
 def _wait_for_port(port: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -37,6 +37,7 @@ from hardening import (
     mark_process_dead,
     wipe_multiprocess_dir,
 )
+from tests.conftest import gunicorn_options
 
 TESTS = Path(__file__).resolve().parent
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
@@ -901,7 +902,8 @@ def gunicorn(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
     log = (tmp_path / "gunicorn.log").open("wb")
     command = [sys.executable, "-m", "gunicorn", "-w", "2", "-b", f"127.0.0.1:{port}"]
-    command += ["-c", str(conf), "--pythonpath", str(TESTS), "metrics_gunicorn_app:app"]
+    command += ["-c", str(conf), "--pythonpath", str(TESTS), *gunicorn_options()]
+    command += ["metrics_gunicorn_app:app"]
     server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"

@@ -22,7 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from hardening.adapters import PROBLEM_JSON
-from tests.conftest import free_port
+from tests.conftest import free_port, gunicorn_options
 
 HERE = Path(__file__).resolve().parent
 MAX_BYTES = 1024  # gunicorn_flask_app.MAX_BYTES
@@ -32,15 +32,6 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(sys.platform == "win32", reason="gunicorn needs a POSIX system"),
 ]
-
-
-def _quiet_options() -> list[str]:
-    """``--no-control-socket`` where gunicorn has one (newer versions open a control socket at
-    one fixed path in $HOME, which concurrent servers would fight over)."""
-    from gunicorn.config import KNOWN_SETTINGS
-
-    options = {cli for setting in KNOWN_SETTINGS for cli in (setting.cli or ())}
-    return ["--no-control-socket"] if "--no-control-socket" in options else []
 
 
 def _wait_until_serving(url: str, server: subprocess.Popen[bytes], log: Path) -> None:
@@ -71,7 +62,7 @@ def server(
     log = tmp_path_factory.mktemp("gunicorn") / "gunicorn.log"
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     command = [sys.executable, "-m", "gunicorn", "-w", "1", *request.param]
-    command += ["-b", f"127.0.0.1:{port}", "--graceful-timeout", "5", *_quiet_options()]
+    command += ["-b", f"127.0.0.1:{port}", "--graceful-timeout", "5", *gunicorn_options()]
     command += ["--pythonpath", str(HERE), "gunicorn_flask_app:app"]
     with log.open("wb") as output:
         process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)

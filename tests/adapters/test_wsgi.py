@@ -19,12 +19,14 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 from wsgiref.util import FileWrapper
-from wsgiref.validate import validator
+from wsgiref.validate import WSGIWarning, validator
 
 import flask
 import pytest
 import redis
 import werkzeug.test
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from hardening import (
     ConfigurationError,
@@ -55,6 +57,7 @@ from hardening.ratelimit import AsyncRateLimiter, RateLimiter
 from tests.adapters import django_app
 from tests.adapters.wsgi_support import (
     TEXT,
+    TOKEN,
     Body,
     Environ,
     StartResponse,
@@ -64,6 +67,7 @@ from tests.adapters.wsgi_support import (
     checked,
     client,
     exc_info_now,
+    full_stack,
     make_environ,
     ok_app,
     raising_app,
@@ -75,7 +79,6 @@ from tests.conftest import free_port
 pytestmark = pytest.mark.filterwarnings("error::wsgiref.validate.WSGIWarning")
 
 HTTP = "http_server_request_duration_seconds"
-TOKEN = "admin-bypass-token-0123456789abcdef"
 
 
 def observed(
@@ -95,16 +98,6 @@ def active(metrics: Metrics, method: str = "GET") -> float | None:
     """``http_server_active_requests`` for ``method``."""
     return metrics.registry.get_sample_value(
         "http_server_active_requests", {"http_request_method": method}
-    )
-
-
-def full_stack(
-    app: WSGIApp, limiter: RateLimiter | str, metrics: Metrics, max_bytes: int = 1024, **rl: Any
-) -> WSGIApp:
-    """The documented order: BodyLimit(Metrics(RateLimit(Error(app))))."""
-    return BodyLimitMiddleware(
-        MetricsMiddleware(RateLimitMiddleware(ErrorMiddleware(app), limiter, **rl), metrics),
-        max_bytes=max_bytes,
     )
 
 
@@ -160,6 +153,12 @@ def test_validator_harness_catches_a_broken_app() -> None:
 
     with pytest.raises(AssertionError, match="Content-Type"):
         call(checked(ErrorMiddleware, no_content_type), make_environ())
+
+
+def test_validator_warnings_are_errors() -> None:
+    """A WSGIWarning (here: an unknown method) fails the test instead of passing quietly."""
+    with pytest.raises(WSGIWarning, match="REQUEST_METHOD"):
+        call(checked(ErrorMiddleware, ok_app), make_environ(method="BREW"))
 
 
 @pytest.mark.parametrize("method", ["GET", "HEAD", "POST", "PATCH"])
@@ -426,8 +425,8 @@ def test_the_window_passing_admits_again() -> None:
         assert http.get("/").status_code == 200
 
 
-def test_app_headers_are_replaced_not_duplicated() -> None:
-    """Rate-limit headers the app set itself are replaced by the middleware's, never doubled."""
+def test_app_rate_headers_are_kept_not_duplicated() -> None:
+    """Rate-limit headers the app set itself are kept; the middleware adds none beside them."""
 
     def own_headers(environ: Environ, start_response: StartResponse) -> list[bytes]:
         start_response("200 OK", [*TEXT, ("X-RateLimit-Limit", "999")])
@@ -438,7 +437,33 @@ def test_app_headers_are_replaced_not_duplicated() -> None:
         checked(lambda app: RateLimitMiddleware(app, limiter), own_headers), make_environ()
     )
     limits = [value for name, value in result.header_list if name.lower() == "x-ratelimit-limit"]
-    assert limits == ["5"]
+    assert limits == ["999"]
+    assert "ratelimit-policy" not in result.headers
+
+
+def test_decorator_429_inside_the_middleware_keeps_its_headers() -> None:
+    """A 429 from limiter.limit deep in the app is not relabelled with the outer, allowed
+    decision's headers: the client sees the limit that refused it."""
+    inner = RateLimiter("1/minute", clock=FakeClock(), name="export")
+
+    @inner.limit("export")
+    def export() -> bytes:
+        return b"exported"
+
+    def export_app(environ: Environ, start_response: StartResponse) -> list[bytes]:
+        body = export()
+        start_response("200 OK", TEXT)
+        return [body]
+
+    outer = RateLimiter("100/minute", clock=FakeClock())
+    app = RateLimitMiddleware(ErrorMiddleware(export_app), outer)
+    allowed = call(validator(app), make_environ())
+    assert allowed.headers["x-ratelimit-limit"] == "100"
+    refused = call(validator(app), make_environ())
+    assert refused.status == 429
+    assert refused.headers["x-ratelimit-limit"] == "1"
+    assert refused.headers["x-ratelimit-remaining"] == "0"
+    assert [n.lower() for n, _ in refused.header_list].count("x-ratelimit-limit") == 1
 
 
 def test_headers_false_adds_none() -> None:
@@ -1238,6 +1263,34 @@ def test_health_timeout(release: threading.Event) -> None:
     assert 0.2 <= elapsed < 30  # waited for the timeout, not for the check
 
 
+def test_health_hung_check_does_not_starve_the_others(release: threading.Event) -> None:
+    """Probe after probe with one check hung: the healthy check keeps reporting ok."""
+    app = health_app({"hung": lambda: release.wait(30), "fast": lambda: True}, timeout=0.05)
+    for _ in range(6):  # more probes than the pool has threads
+        checks = json.loads(call(app, make_environ()).body)["checks"]
+        assert checks["hung"]["error"] == "timeout"
+        assert checks["fast"]["status"] == "ok"
+
+
+def test_health_hung_check_is_not_started_again(release: threading.Event) -> None:
+    """While a check hangs, later probes wait on that run; once it returns, it runs afresh."""
+    runs: list[int] = []
+
+    def hung() -> bool:
+        runs.append(1)
+        return release.wait(30)
+
+    app = health_app({"hung": hung}, timeout=0.05)
+    for _ in range(3):
+        assert call(app, make_environ()).status == 503
+    assert len(runs) == 1
+    release.set()
+    deadline = time.monotonic() + 10
+    while call(app, make_environ()).status != 200:  # the hung run ends, then a fresh one passes
+        assert time.monotonic() < deadline
+    assert len(runs) in (1, 2)
+
+
 def test_health_async_check() -> None:
     """An async check function is run to completion."""
 
@@ -1272,7 +1325,7 @@ def test_health_redis_check(redis_client: redis.Redis) -> None:
 
 def test_health_redis_check_unreachable() -> None:
     """redis_check against a closed port fails the health check (503, error type only)."""
-    down = redis.Redis(port=free_port(), socket_connect_timeout=1, socket_timeout=1)
+    down = redis.Redis(port=free_port(), socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
     try:
         with client(health_app({"redis": redis_check(down)}, timeout=10)) as http:
             response = http.get("/healthz")

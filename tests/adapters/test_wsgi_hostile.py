@@ -19,12 +19,13 @@ from hypothesis import strategies as st
 from hardening import ConflictError, FakeClock, Metrics
 from hardening.adapters.wsgi import metrics_app
 from hardening.ratelimit import RateLimiter
-from tests.adapters.test_wsgi import TOKEN, full_stack
 from tests.adapters.wsgi_support import (
+    TOKEN,
     Environ,
     StartResponse,
     WSGIApp,
     call,
+    full_stack,
     make_environ,
 )
 

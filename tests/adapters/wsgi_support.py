@@ -20,10 +20,21 @@ from wsgiref.validate import validator
 
 import httpx
 
+from hardening import Metrics
+from hardening.adapters.wsgi import (
+    BodyLimitMiddleware,
+    ErrorMiddleware,
+    MetricsMiddleware,
+    RateLimitMiddleware,
+)
+from hardening.ratelimit import RateLimiter
+
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 Environ = dict[str, Any]
 StartResponse = Callable[..., Callable[[bytes], object]]
 WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
+
+TOKEN = "admin-bypass-token-0123456789abcdef"  # a rate-limit bypass token
 
 
 def make_environ(
@@ -150,6 +161,16 @@ def call(app: WSGIApp, environ: Environ) -> Result:
 def checked(wrap: Callable[[WSGIApp], WSGIApp], inner: WSGIApp) -> WSGIApp:
     """``validator(wrap(validator(inner)))``: PEP 3333 checked on both sides of a middleware."""
     return validator(wrap(validator(inner)))
+
+
+def full_stack(
+    app: WSGIApp, limiter: RateLimiter | str, metrics: Metrics, max_bytes: int = 1024, **rl: Any
+) -> WSGIApp:
+    """The documented order: BodyLimit(Metrics(RateLimit(Error(app)))); ``rl`` for RateLimit."""
+    return BodyLimitMiddleware(
+        MetricsMiddleware(RateLimitMiddleware(ErrorMiddleware(app), limiter, **rl), metrics),
+        max_bytes=max_bytes,
+    )
 
 
 def client(app: WSGIApp, **options: Any) -> httpx.Client:

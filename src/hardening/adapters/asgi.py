@@ -449,17 +449,23 @@ def health_app(checks: Mapping[str, HealthCheck] | None = None, *, timeout: floa
         The ASGI app.
     """
     named = check_names(checks or {})
+    in_thread: dict[str, asyncio.Future[object]] = {}  # a sync check's run still going
 
-    async def call(check: HealthCheck) -> object:
+    async def call(name: str, check: HealthCheck) -> object:
         if inspect.iscoroutinefunction(check):
             return await check()
-        value = await asyncio.to_thread(check)
+        # a hung sync check keeps its thread: later probes wait on that run instead of
+        # taking one more thread each from the loop's shared pool
+        future = in_thread.get(name)
+        if future is None or future.done():
+            future = in_thread[name] = asyncio.ensure_future(asyncio.to_thread(check))
+        value = await asyncio.shield(future)
         return (await value) if inspect.isawaitable(value) else value
 
     async def run(name: str, check: HealthCheck) -> CheckResult:
         start = time.perf_counter()
         try:
-            value = await asyncio.wait_for(call(check), timeout)
+            value = await asyncio.wait_for(call(name, check), timeout)
         except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             return HealthReport.failure(name, TimeoutError(), time.perf_counter() - start)
         except Exception as exc:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import inspect
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from http import HTTPStatus
@@ -309,7 +310,7 @@ class MetricsMiddleware:
         ) -> Callable[[bytes], object]:
             nonlocal status
             write = start_response(line, headers, exc_info)
-            status = int(line[:3]) if line[:3].isdigit() else 500
+            status = int(line[:3]) if line[:3].isascii() and line[:3].isdigit() else 500
             return write
 
         def finish(error: str | None) -> None:
@@ -537,8 +538,8 @@ def health_app(checks: Mapping[str, HealthCheck] | None = None, *, timeout: floa
     Checks run concurrently in a small thread pool owned by the app. A check passes when it
     returns anything but ``False``; it fails when it raises (its type is reported, never its
     message), returns ``False`` or exceeds ``timeout`` (a check that hangs keeps its thread
-    until it returns). 200 when every check passes, else 503, with the JSON body of the ASGI
-    ``health_app``.
+    until it returns; later requests wait on that run instead of starting another). 200 when
+    every check passes, else 503, with the JSON body of the ASGI ``health_app``.
 
     Args:
         checks: name to a callable taking no arguments; async callables are run with
@@ -556,6 +557,11 @@ def health_app(checks: Mapping[str, HealthCheck] | None = None, *, timeout: floa
         if named
         else None
     )
+    # One run per check at a time: a probe finding a check still running (hung) waits on that
+    # run instead of starting another, so hung checks cannot take every thread of the pool and
+    # make the healthy checks of later probes report a timeout too.
+    running: dict[str, concurrent.futures.Future[tuple[object, float, BaseException | None]]] = {}
+    running_lock = threading.Lock()
 
     def app(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
@@ -564,11 +570,14 @@ def health_app(checks: Mapping[str, HealthCheck] | None = None, *, timeout: floa
         results: list[CheckResult] = []
         if pool is not None:
             start = time.perf_counter()
-            futures = {name: pool.submit(_timed, check) for name, check in named.items()}
+            with running_lock:
+                for name, check in named.items():
+                    if name not in running or running[name].done():
+                        running[name] = pool.submit(_timed, check)
+                futures = {name: running[name] for name in named}
             concurrent.futures.wait(futures.values(), timeout=timeout)
             for name, future in futures.items():
                 if not future.done():
-                    future.cancel()
                     error = TimeoutError()
                     results.append(HealthReport.failure(name, error, time.perf_counter() - start))
                     continue
