@@ -64,6 +64,7 @@ _VOCABULARY = (
 )
 WORDS = tuple(_VOCABULARY.split())
 BLOCK_TYPES = ("paragraph", "heading", "list")
+SAVE_METHODS = frozenset({"POST", "PATCH", "PUT"})
 QUEUE_STATES = ("waiting", "running", "retrying")
 MAX_CONTENT = 19_000  # the service takes up to 20,000 characters per block
 _TOKEN = re.compile(r"\w+", re.UNICODE)
@@ -189,6 +190,7 @@ class Ack:
     marker: str | None
     kind: str
     at: float
+    user: int
 
 
 def request_kind(request: httpx.Request) -> str:
@@ -226,10 +228,10 @@ class Recorder:
         """Seconds since the load started."""
         return time.monotonic() - self.started
 
-    def request_sent(self, user: str | None) -> None:
-        """A request is about to go out; check it waited out the user's last 429."""
+    def request_sent(self, user: str | None, save: bool) -> None:
+        """A request is about to go out; if a save, check it waited out the user's last 429."""
         self.requests += 1
-        if user is None or user not in self._after_429:
+        if not save or user is None or user not in self._after_429:
             return
         at, wait = self._after_429.pop(user)
         if time.monotonic() - at >= wait - 0.01:
@@ -237,11 +239,12 @@ class Recorder:
         else:
             self.early_429 += 1
 
-    def response(self, kind: str, response: httpx.Response, seconds: float) -> None:
-        """A response arrived (body read) after ``seconds``."""
+    def response(
+        self, kind: str, user: str | None, response: httpx.Response, seconds: float
+    ) -> None:
+        """``user``'s request got ``response`` (body read) after ``seconds``."""
         self.latencies[kind].append(seconds)
         self.statuses[kind][response.status_code] += 1
-        user = response.request.headers.get("x-user")
         if response.status_code == 429 and user is not None:
             try:
                 wait = float(response.headers.get("retry-after", "1"))
@@ -270,8 +273,8 @@ class TimingTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request`` through the inner transport and read the whole response."""
-        kind = request_kind(request)
-        self.recorder.request_sent(request.headers.get("x-user"))
+        kind, user = request_kind(request), request.headers.get("x-user")
+        self.recorder.request_sent(user, request.method in SAVE_METHODS)
         start = time.perf_counter()
         response: httpx.Response | None = None
         try:
@@ -282,7 +285,7 @@ class TimingTransport(httpx.AsyncBaseTransport):
             if response is not None:
                 await response.aclose()
             raise
-        self.recorder.response(kind, response, time.perf_counter() - start)
+        self.recorder.response(kind, user, response, time.perf_counter() - start)
         return response
 
     async def aclose(self) -> None:
@@ -419,8 +422,9 @@ class Run:
                 saved = await client.save(local, edited)
             except PatchConflict:
                 rec.outcomes["conflict (PatchConflict)"] += 1
-            except Abandoned:
+            except Abandoned:  # rate limited until after the run: this user is done
                 rec.outcomes["abandoned (429 wait past the run)"] += 1
+                break
             except SaveFailed as exc:
                 rec.outcomes[f"failed ({exc.status})"] += 1
                 if exc.status >= 500:
@@ -437,7 +441,7 @@ class Run:
                     rec.save_latencies_no_429.append(seconds)
                 if client.stats.retries_412 > retries:
                     rec.outcomes["acknowledged after a 412 rebase"] += 1
-                rec.acks.append(Ack(page_id, saved.version, marker, kind, rec.now()))
+                rec.acks.append(Ack(page_id, saved.version, marker, kind, rec.now(), number))
                 copies[page_id] = (saved, time.monotonic())
                 while len(copies) > options.open_pages:
                     copies.popitem(last=False)
@@ -545,18 +549,37 @@ async def show_progress(run: Run, samples: list[QueueSample], stream: TextIO) ->
 # --- setup and verification -------------------------------------------------------------------
 
 
+SETUP_ATTEMPTS = 3
+
+
 async def create_pages(
-    http: httpx.AsyncClient, options: Options, rng: random.Random
+    http: httpx.AsyncClient, options: Options, rng: random.Random, failures: Counter[str]
 ) -> dict[str, list[str]]:
-    """Create the pages, ``setup_concurrency`` at a time; return page id -> block ids."""
+    """Create the pages, ``setup_concurrency`` at a time; return page id -> block ids.
+
+    A create that fails with a 5xx or without a response is tried again (at most
+    ``SETUP_ATTEMPTS`` times; a page it may have made anyway is simply not used) and counted in
+    ``failures``.
+    """
     contents = [make_page(rng, options.blocks) for _ in range(options.pages)]
     limit = asyncio.Semaphore(options.setup_concurrency)
 
     async def create(index: int, blocks: Blocks) -> tuple[str, list[str]]:
         # without an admin token each page has its own creator, so the save limit is per page
         client = PagesClient(http, user=f"setup-{index}", token=options.admin_token)
-        async with limit:
-            page = await client.create(blocks)
+        for attempt in range(1, SETUP_ATTEMPTS + 1):
+            try:
+                async with limit:
+                    page = await client.create(blocks)
+                break
+            except SaveFailed as exc:
+                failures[f"POST /pages {exc.status}"] += 1
+                if exc.status < 500 or attempt == SETUP_ATTEMPTS:
+                    raise
+            except httpx.TransportError as exc:
+                failures[f"POST /pages {type(exc).__name__}"] += 1
+                if attempt == SETUP_ATTEMPTS:
+                    raise
         return page.id, [block["id"] for block in blocks]
 
     created = await asyncio.gather(*(create(i, b) for i, b in enumerate(contents)))
@@ -692,6 +715,7 @@ class Results:
 
     options: Options
     setup_seconds: float
+    setup_failures: dict[str, int]
     load_seconds: float
     requests: int
     statuses: dict[str, dict[int, int]]
@@ -706,6 +730,7 @@ class Results:
     generator_cpu: float
     loop_lag_ms: dict[str, float | None]
     verification: Verification
+    acks: list[Ack]
 
     @property
     def acknowledged(self) -> int:
@@ -774,7 +799,8 @@ async def run(options: Options, *, stream: TextIO | None = None) -> Results:
         httpx.AsyncClient(base_url=options.url, timeout=timeout, transport=transport) as http,
     ):
         started = time.monotonic()
-        pages = await create_pages(admin, options, rng)
+        setup_failures: Counter[str] = Counter()
+        pages = await create_pages(admin, options, rng, setup_failures)
         setup_seconds = time.monotonic() - started
 
         recorder.started = time.monotonic()
@@ -818,6 +844,7 @@ async def run(options: Options, *, stream: TextIO | None = None) -> Results:
     return Results(
         options=options,
         setup_seconds=setup_seconds,
+        setup_failures=dict(setup_failures),
         load_seconds=load_seconds,
         requests=recorder.requests,
         statuses={k: dict(v) for k, v in recorder.statuses.items()},
@@ -836,6 +863,7 @@ async def run(options: Options, *, stream: TextIO | None = None) -> Results:
             "max": _to_ms(max(lags) if lags else None),
         },
         verification=verification,
+        acks=recorder.acks,
     )
 
 
@@ -888,7 +916,12 @@ def report(results: Results, out: TextIO) -> None:
         f"pages service load test: {o.users} users, {o.pages} pages x {o.blocks} blocks, "
         f"think {o.think:g} s, shared {o.shared:g} ({o.hot} hot), {length}; {o.url}"
     )
-    write(f"setup {results.setup_seconds:.1f} s, load {results.load_seconds:.1f} s")
+    retried = ", ".join(f"{k}: {n}" for k, n in sorted(results.setup_failures.items()))
+    write(
+        f"setup {results.setup_seconds:.1f} s"
+        + (f" (retried after {retried})" if retried else "")
+        + f", load {results.load_seconds:.1f} s"
+    )
     write()
     write(f"{'throughput':<34}{'count':>9}{'per s':>10}")
     write(f"{'  requests':<34}{results.requests:>9}{results.requests / load:>10.1f}")

@@ -10,6 +10,7 @@ the indexing worker inside the web process. Configure with the environment (``DA
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import logging
 import os
@@ -71,10 +72,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             "set REDIS_URL to share the limits",
             workers,
         )
-    from gunicorn.app.wsgiapp import run
-
     sys.argv = gunicorn_argv(args.host, args.port, args.workers)
-    run()
+    importlib.import_module("gunicorn.app.wsgiapp").run()  # the `gunicorn` command
 
 
 if __name__ == "__main__":

@@ -28,7 +28,14 @@ from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
 from examples.pages_service.app import Identity
 from examples.pages_service.store import Page, PageStore, Settings, check_blocks, make_engine
-from hardening import HardeningError, MalformedBody, Metrics, RateLimiter, if_match_version
+from hardening import (
+    HardeningError,
+    MalformedBody,
+    Metrics,
+    NotFoundError,
+    RateLimiter,
+    if_match_version,
+)
 from hardening.adapters import (
     RateLimitRule,
     parse_json_body,
@@ -231,6 +238,13 @@ def register_routes(app: Flask, store: PageStore) -> None:
 
     @app.get("/pages/<page_id>/versions/<int:number>")
     def get_version(page_id: str, number: int) -> Response:
+        head = store.get(page_id)
+        if number == head.version:
+            return _page_response(head)
+        if number > head.version:
+            # answered here: asking the history to rebuild a version far past the head costs
+            # memory in proportion to the number (a list of every version up to it)
+            raise NotFoundError("DocumentVersion", (page_id, number))
         return _page_response(store.get(page_id, number))
 
     @app.get("/search")
@@ -319,7 +333,7 @@ def create_app(
     mounted = DispatcherMiddleware(
         app.wsgi_app,
         {
-            "/metrics": cast("WSGIApplication", metrics_app(metrics)),
+            "/metrics": _labelled("/metrics", metrics_app(metrics)),
             "/healthz": _labelled("/healthz", health_app(checks, timeout=2.0)),
         },
     )
@@ -335,7 +349,9 @@ def create_app(
         trusted_proxies=settings.trusted_proxies,
     )
     observed = MetricsMiddleware(limited, metrics, exclude_paths=["/metrics"])
-    app.wsgi_app = BodyLimitMiddleware(observed, max_bytes=MAX_BODY)  # type: ignore[method-assign]
+    # Any: hardening's WSGI callables type exc_info a little differently from typeshed's
+    stack: Any = BodyLimitMiddleware(observed, max_bytes=MAX_BODY)
+    app.wsgi_app = stack  # type: ignore[method-assign]
 
     logger.info("pages service (WSGI): %s", settings.describe())
     if start_worker:

@@ -376,11 +376,12 @@ class IndexWorker(QueueProcessor):
     def __init__(
         self, backend: Any = None, *, engine: sa.Engine | None = None, **options: Any
     ) -> None:
-        settings = Settings.from_env()
-        if backend is None:
-            backend = settings.database_url
+        if backend is None or engine is None:  # run alone: configured by the environment
+            database_url = Settings.from_env().database_url
+            backend = database_url if backend is None else backend
+            engine = make_engine(database_url) if engine is None else engine
         super().__init__(backend, **options)
-        self.engine = engine if engine is not None else make_engine(settings.database_url)
+        self.engine = engine
         self.history = DocumentHistory(self.engine)
 
     def process(self, job: Job) -> None:

@@ -290,9 +290,22 @@ def test_versions_out_of_range(engine: sa.Engine) -> None:
     """Versions past the head or below 1 do not exist."""
     history = _history(engine)
     history.create("d", {})
-    for version in (0, 2, -5):
+    for version in (0, 2, -5, 10**12, 2**63, 10**30):  # huge ones: no allocation, no DB error
         with pytest.raises(NotFoundError):
             history.load("d", version)
+
+
+@pytest.mark.parametrize("doc_id", ["\x00", "a\x00b", "x" * 256, ""])
+def test_impossible_ids_are_not_found(engine: sa.Engine, doc_id: str) -> None:
+    """Ids from URLs that no document can have (NUL, which PostgreSQL cannot store; too long;
+    empty) are a 404, never a database error."""
+    history = _history(engine)
+    with pytest.raises(NotFoundError):
+        history.load(doc_id)
+    with pytest.raises(NotFoundError):
+        history.save(doc_id, [], base_version=1)
+    with pytest.raises(NotFoundError):
+        history.versions(doc_id)
 
 
 def test_create_twice_is_a_conflict(engine: sa.Engine) -> None:

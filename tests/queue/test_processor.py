@@ -138,3 +138,15 @@ def test_process_must_be_implemented() -> None:
     (dead,) = proc.dead_letters()
     assert dead.last_error is not None
     assert dead.last_error.type == "NotImplementedError"
+
+
+def test_stop_before_the_run_starts_is_kept() -> None:
+    """A stop() that comes before the worker thread starts running is not lost."""
+    proc = QueueProcessor(MemoryBackend())
+    proc.stop()
+    worker = threading.Thread(target=proc.run, kwargs={"install_signal_handlers": False})
+    worker.start()
+    worker.join(timeout=10)
+    assert not worker.is_alive()
+    proc.enqueue({"n": 1})
+    assert proc.run_until_empty() == 1  # the stop was used up: the processor runs again

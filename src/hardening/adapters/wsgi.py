@@ -63,7 +63,9 @@ __all__ = [
     "record_flask_routes",
 ]
 
-ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
+# The standard WSGI types (typeshed's ``_typeshed.wsgi``, which Flask and Django's stubs use),
+# spelled out so they exist at run time too.
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType] | tuple[None, None, None]
 Environ = dict[str, Any]
 
 
@@ -122,7 +124,9 @@ class _Started:
         return self.start_response(status, headers, exc_info)
 
     def exc_info(self, exc: BaseException) -> ExcInfo | None:
-        return (type(exc), exc, exc.__traceback__) if self.called else None
+        if not self.called or exc.__traceback__ is None:
+            return None
+        return (type(exc), exc, exc.__traceback__)
 
 
 class RateLimitMiddleware:

@@ -208,7 +208,10 @@ def _select_patches(doc_id: str, after: int, upto: int) -> sa.Select[Any]:
 def _replay(snapshot: Any, rows: list[Any], doc_id: str, version: int) -> object:
     """The content at ``version`` from its snapshot row and the patch rows after it."""
     content: object = snapshot.content
-    if [row.version for row in rows] != list(range(snapshot.version + 1, version + 1)):
+    expected = range(snapshot.version + 1, version + 1)  # a range object: no allocation
+    if len(rows) != len(expected) or any(
+        r.version != v for r, v in zip(rows, expected, strict=True)
+    ):
         raise NotFoundError("DocumentVersion", (doc_id, version))  # past the head, or compacted
     for row in rows:
         content = apply_trusted(content, row.patch)  # a fresh parse: ours to change in place
@@ -279,6 +282,25 @@ def _exists(doc_id: str) -> ConflictError:
 
 def _not_found(doc_id: str) -> NotFoundError:
     return NotFoundError("Document", doc_id)
+
+
+def _check_version(doc_id: str, version: int, head_version: int | None) -> None:
+    """Refuse versions that cannot exist before touching the store (no huge ranges)."""
+    if head_version is None:
+        raise _not_found(doc_id)
+    if not 1 <= version < head_version:
+        raise NotFoundError("DocumentVersion", (doc_id, version))
+
+
+def _check_id(doc_id: object) -> str:
+    """A document id that could exist; else the document is simply not found (404).
+
+    Ids come from URLs: NUL (which PostgreSQL cannot store) or an over-long id must not reach
+    the database as an error.
+    """
+    if not isinstance(doc_id, str) or not 1 <= len(doc_id) <= 255 or "\x00" in doc_id:
+        raise NotFoundError("Document", doc_id if isinstance(doc_id, str) else repr(doc_id))
+    return doc_id
 
 
 # --- the logic both drivers share --------------------------------------------------------
@@ -499,6 +521,7 @@ class DocumentHistory(_HistoryBase):
             PatchConflict: the patch clashes with a concurrent edit (``"rebase"``; 409).
             PatchError: the patch is invalid, too large or does not apply (422/413/409).
         """
+        doc_id = _check_id(doc_id)
         ops = self._incoming(patch, base_version)
         with self._transaction(session) as db:
             attempt = 0
@@ -542,12 +565,14 @@ class DocumentHistory(_HistoryBase):
         Raises:
             NotFoundError: no such document, or that version is not (or no longer) kept.
         """
+        doc_id = _check_id(doc_id)
         if version is not None and type(version) is not int:
             raise ConfigurationError(f"version must be an int, not {version!r}")
         with self._transaction(session) as db:
             if version is not None:
                 head_version = db.execute(_select_version(doc_id)).scalar_one_or_none()
                 if version != head_version:
+                    _check_version(doc_id, version, head_version)
                     return DocumentVersion(doc_id, version, _rebuild(db, doc_id, version))
             head = _head(db.execute(_select_head(doc_id)).first(), doc_id)
             return DocumentVersion(doc_id, head.version, head.content)
@@ -565,6 +590,7 @@ class DocumentHistory(_HistoryBase):
         Raises:
             NotFoundError: no such document.
         """
+        doc_id = _check_id(doc_id)
         with self._transaction(session) as db:
             head = db.execute(_select_version(doc_id)).scalar_one_or_none()
             if head is None:
@@ -590,6 +616,7 @@ class DocumentHistory(_HistoryBase):
             NotFoundError: no such document.
             ConfigurationError: ``keep`` is not a positive int.
         """
+        doc_id = _check_id(doc_id)
         with self._transaction(session) as db:
             head = db.execute(_select_version(doc_id)).scalar_one_or_none()
             if head is None:
@@ -739,6 +766,7 @@ class AsyncDocumentHistory(_HistoryBase):
             PatchConflict: the patch clashes with a concurrent edit.
             PatchError: the patch is invalid, too large or does not apply.
         """
+        doc_id = _check_id(doc_id)
         ops = self._incoming(patch, base_version)
         async with self._transaction(session) as db:
             attempt = 0
@@ -788,12 +816,14 @@ class AsyncDocumentHistory(_HistoryBase):
         Raises:
             NotFoundError: no such document, or that version is not kept.
         """
+        doc_id = _check_id(doc_id)
         if version is not None and type(version) is not int:
             raise ConfigurationError(f"version must be an int, not {version!r}")
         async with self._transaction(session) as db:
             if version is not None:
                 head_version = (await db.execute(_select_version(doc_id))).scalar_one_or_none()
                 if version != head_version:
+                    _check_version(doc_id, version, head_version)
                     content = await _rebuild_async(db, doc_id, version)
                     return DocumentVersion(doc_id, version, content)
             head = _head((await db.execute(_select_head(doc_id))).first(), doc_id)
@@ -814,6 +844,7 @@ class AsyncDocumentHistory(_HistoryBase):
         Raises:
             NotFoundError: no such document.
         """
+        doc_id = _check_id(doc_id)
         async with self._transaction(session) as db:
             head = (await db.execute(_select_version(doc_id))).scalar_one_or_none()
             if head is None:
@@ -842,6 +873,7 @@ class AsyncDocumentHistory(_HistoryBase):
             NotFoundError: no such document.
             ConfigurationError: ``keep`` is not a positive int.
         """
+        doc_id = _check_id(doc_id)
         async with self._transaction(session) as db:
             head = (await db.execute(_select_version(doc_id))).scalar_one_or_none()
             if head is None:

@@ -485,7 +485,8 @@ class QueueProcessor:
                 signal.signal(sig, handler)
 
     def _run_threads(self, *, until_empty: bool) -> int:
-        self._stop.clear()
+        # ``_stop`` is cleared when a run ends, not when it starts: a stop() that comes
+        # before the worker thread gets here must not be lost
         inflight: dict[str, Job] = {}
         lock = threading.Lock()
         beat_stop = threading.Event()
@@ -537,6 +538,7 @@ class QueueProcessor:
             beat_stop.set()
             pool.shutdown(wait=False, cancel_futures=True)
             self._report_depth(force=True)
+            self._stop.clear()
         return attempts
 
     def _should_claim(self, free: int, busy: int) -> bool:
@@ -632,7 +634,6 @@ class QueueProcessor:
             inflight.pop(job.id, None)
 
     async def _run_tasks(self, *, until_empty: bool) -> int:
-        self._stop.clear()
         inflight: dict[str, Job] = {}
         lock = threading.Lock()
         tasks: set[asyncio.Task[None]] = set()
@@ -678,6 +679,7 @@ class QueueProcessor:
             beater.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await beater
+            self._stop.clear()
         return attempts
 
     def close(self) -> None:
