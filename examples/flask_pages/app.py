@@ -32,7 +32,6 @@ from hardening import (
     HardeningError,
     MalformedBody,
     Metrics,
-    NotFoundError,
     RateLimiter,
     if_match_version,
 )
@@ -198,6 +197,16 @@ def _page_response(page: Page, status: int = 200, **headers: str) -> Response:
     return response
 
 
+def _saved_response(page: Page) -> Response:
+    """A save's answer: the new version and ETag; the page only with ``Prefer:
+    return=representation`` (the client already holds what it sent)."""
+    if "return=representation" in request.headers.get("Prefer", ""):
+        return _page_response(page)
+    response = jsonify({"id": page.id, "version": page.version})
+    response.headers["ETag"] = page.etag
+    return response
+
+
 def _blocks_body() -> object:
     body = parse_json_body(request.get_data(), request.headers.get("Content-Type"))
     if not isinstance(body, dict) or "blocks" not in body:
@@ -226,7 +235,7 @@ def register_routes(app: Flask, store: PageStore) -> None:
         ops = parse_patch_body(request.get_data(), request.headers.get("Content-Type"))
         if base is None:  # If-Match: * — patch whatever is current
             base = store.get(page_id).version
-        return _page_response(store.patch(page_id, ops, base))
+        return _saved_response(store.patch(page_id, ops, base))
 
     @app.put("/pages/<page_id>")
     def put_page(page_id: str) -> Response:
@@ -234,17 +243,10 @@ def register_routes(app: Flask, store: PageStore) -> None:
         blocks = check_blocks(_blocks_body())
         if base is None:
             base = store.get(page_id).version
-        return _page_response(store.replace(page_id, blocks, base))
+        return _saved_response(store.replace(page_id, blocks, base))
 
     @app.get("/pages/<page_id>/versions/<int:number>")
     def get_version(page_id: str, number: int) -> Response:
-        head = store.get(page_id)
-        if number == head.version:
-            return _page_response(head)
-        if number > head.version:
-            # answered here: asking the history to rebuild a version far past the head costs
-            # memory in proportion to the number (a list of every version up to it)
-            raise NotFoundError("DocumentVersion", (page_id, number))
         return _page_response(store.get(page_id, number))
 
     @app.get("/search")
@@ -349,9 +351,7 @@ def create_app(
         trusted_proxies=settings.trusted_proxies,
     )
     observed = MetricsMiddleware(limited, metrics, exclude_paths=["/metrics"])
-    # Any: hardening's WSGI callables type exc_info a little differently from typeshed's
-    stack: Any = BodyLimitMiddleware(observed, max_bytes=MAX_BODY)
-    app.wsgi_app = stack  # type: ignore[method-assign]
+    app.wsgi_app = BodyLimitMiddleware(observed, max_bytes=MAX_BODY)  # type: ignore[method-assign]
 
     logger.info("pages service (WSGI): %s", settings.describe())
     if start_worker:

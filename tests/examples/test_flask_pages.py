@@ -199,7 +199,8 @@ def test_save_conflict_rebase_index_search_metrics(pages: Pages) -> None:
     retried = pages.patch(page_id, rebased, fresh.headers["ETag"], **{"X-User": "ana"})
     assert retried.status_code == 200, retried.text
     assert retried.headers["ETag"] == '"v3"'
-    assert retried.json()["blocks"] == [base[0], anas[1], bobs[2]]  # both edits kept
+    assert retried.json() == {"id": page_id, "version": 3}  # the page only if asked for
+    assert http.get(url).json()["blocks"] == [base[0], anas[1], bobs[2]]  # both edits kept
 
     # three saves, one waiting indexing job (deduplicated per page), processed by the worker
     assert store.indexed_version(page_id) is None
@@ -212,7 +213,9 @@ def test_save_conflict_rebase_index_search_metrics(pages: Pages) -> None:
 
     samples = scrape(http)
     assert requests_seen(samples, "POST", "/pages", 201) == 1
-    assert requests_seen(samples, "GET", ROUTE, 200) == 2
+    assert (
+        requests_seen(samples, "GET", ROUTE, 200) == 3
+    )  # the first read, the refetch after 412, the check of both edits
     assert requests_seen(samples, "GET", ROUTE, 304) == 1
     assert requests_seen(samples, "PATCH", ROUTE, 200) == 2
     assert requests_seen(samples, "PATCH", ROUTE, 412) == 1
@@ -300,7 +303,11 @@ def test_put_is_stored_as_a_patch(pages: Pages) -> None:
     page_id = pages.create()
     url = f"/pages/{page_id}"
     moved = [BLOCKS[2], BLOCKS[0], {**BLOCKS[1], "content": "Ship it"}]
-    put = pages.http.put(url, json={"blocks": moved}, headers={"If-Match": '"v1"'})
+    put = pages.http.put(
+        url,
+        json={"blocks": moved},
+        headers={"If-Match": '"v1"', "Prefer": "return=representation"},
+    )
     assert put.status_code == 200, put.text
     assert put.headers["ETag"] == '"v2"'
     assert put.json()["blocks"] == moved
