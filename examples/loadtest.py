@@ -102,6 +102,8 @@ class Options:
             ending later is abandoned (nothing is in flight then, so nothing is ambiguous).
         timeout: HTTP timeout, seconds.
         setup_concurrency: pages created at once.
+        connections: the pool's size (default: one per user, plus a few). httpcore scans every
+            connection of the pool on each request, so a huge pool costs the generator CPU.
         progress: show progress on stderr.
         scrape_interval: seconds between ``/metrics`` scrapes.
     """
@@ -125,6 +127,7 @@ class Options:
     grace: float = 10.0
     timeout: float = 60.0
     setup_concurrency: int = 8
+    connections: int | None = None
     progress: bool = True
     scrape_interval: float = 1.0
 
@@ -163,6 +166,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     add("--max-wait", type=float, default=defaults.max_wait, help="longest Retry-After, s (60)")
     add("--grace", type=float, default=defaults.grace, help="s after the deadline (10)")
     add("--timeout", type=float, default=defaults.timeout, help="HTTP timeout, s (60)")
+    add("--connections", type=int, help="connection pool size (default: users + 8)")
     add("--no-progress", dest="progress", action="store_false", help="no progress on stderr")
     args = parser.parse_args(argv)
     if args.users < 1 or args.pages < 1 or args.blocks < 1:
@@ -222,6 +226,7 @@ class Recorder:
         self.ambiguous: Counter[str] = Counter()  # page id -> saves of unknown outcome
         self.honoured_429 = 0
         self.early_429 = 0
+        self.scrape_failures = 0
         self._after_429: dict[str, tuple[float, float]] = {}
 
     def now(self) -> float:
@@ -480,6 +485,64 @@ def queue_depth(exposition: str, queue: str = "index") -> dict[str, float]:
     return depth
 
 
+Histograms = dict[str, dict[float, float]]
+SERVER_ROUTES = ("PATCH /pages/{page_id}", "GET /pages/{page_id}")
+
+
+def request_histograms(exposition: str) -> Histograms:
+    """``http_server_request_duration_seconds`` buckets by ``"METHOD route"`` (statuses summed)."""
+    histograms: Histograms = collections.defaultdict(lambda: collections.defaultdict(float))
+    for family in text_string_to_metric_families(exposition):
+        if family.name != "http_server_request_duration_seconds":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_bucket"):
+                labels = sample.labels
+                key = f"{labels.get('http_request_method')} {labels.get('http_route')}"
+                histograms[key][float(labels["le"])] += sample.value
+    return histograms
+
+
+def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
+    """PromQL's ``histogram_quantile`` over cumulative ``buckets`` (upper bound -> count)."""
+    bounds = sorted(buckets)
+    if not bounds or buckets[bounds[-1]] <= 0:
+        return None
+    rank = q * buckets[bounds[-1]]
+    lower, below = 0.0, 0.0
+    for bound in bounds:
+        count = buckets[bound]
+        if count >= rank:
+            if math.isinf(bound):
+                return lower  # above the highest finite bucket: its bound is all we know
+            width = count - below
+            return lower + (bound - lower) * ((rank - below) / width if width else 1.0)
+        lower, below = bound, count
+    return lower
+
+
+def server_latency(before: Histograms, after: Histograms) -> dict[str, dict[str, float | None]]:
+    """Server-side latency (ms) per route over the load phase: the difference of two scrapes."""
+    table: dict[str, dict[str, float | None]] = {}
+    for route in SERVER_ROUTES:
+        end, start = after.get(route, {}), before.get(route, {})
+        delta = {bound: count - start.get(bound, 0.0) for bound, count in end.items()}
+        table[route] = {
+            "n": max(delta.values(), default=0.0),
+            **{f"p{q}": _to_ms(histogram_quantile(q / 100, delta)) for q in (50, 95, 99)},
+        }
+    return table
+
+
+async def scrape_histograms(http: httpx.AsyncClient) -> Histograms:
+    """The request-duration histograms from ``/metrics`` (empty if the scrape fails)."""
+    try:
+        response = await http.get("/metrics")
+    except httpx.HTTPError:
+        return {}
+    return request_histograms(response.text) if response.status_code == 200 else {}
+
+
 async def sample_metrics(
     http: httpx.AsyncClient, recorder: Recorder, interval: float, samples: list[QueueSample]
 ) -> None:
@@ -494,7 +557,7 @@ async def sample_metrics(
                         QueueSample(recorder.now(), *(depth.get(s, 0.0) for s in QUEUE_STATES))
                     )
         except httpx.HTTPError:
-            recorder.outcomes["metrics scrape failed"] += 1
+            recorder.scrape_failures += 1
         await asyncio.sleep(interval)
 
 
@@ -725,10 +788,12 @@ class Results:
     latency_ms: dict[str, dict[str, float | int | None]]
     client: dict[str, int]
     queue_samples: list[QueueSample]
+    scrape_failures: int
     honoured_429: int
     early_429: int
     generator_cpu: float
     loop_lag_ms: dict[str, float | None]
+    server_latency_ms: dict[str, dict[str, float | None]]
     verification: Verification
     acks: list[Ack]
 
@@ -790,7 +855,7 @@ async def run(options: Options, *, stream: TextIO | None = None) -> Results:
         {"Authorization": f"Bearer {options.admin_token}"} if options.admin_token else {}
     )
     timeout = httpx.Timeout(options.timeout)
-    size = options.users + 8
+    size = options.connections or options.users + 8
     limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
     recorder = Recorder(options.max_wait)
     transport = TimingTransport(httpx.AsyncHTTPTransport(limits=limits), recorder)
@@ -803,6 +868,7 @@ async def run(options: Options, *, stream: TextIO | None = None) -> Results:
         pages = await create_pages(admin, options, rng, setup_failures)
         setup_seconds = time.monotonic() - started
 
+        histograms_before = await scrape_histograms(admin)
         recorder.started = time.monotonic()
         state = Run(options, list(pages), recorder)
         samples: list[QueueSample] = []
@@ -827,6 +893,7 @@ async def run(options: Options, *, stream: TextIO | None = None) -> Results:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+        histograms_after = await scrape_histograms(admin)
         verification = Verification()
         await verify_saves(admin, pages, recorder.acks, recorder.ambiguous, verification)
         await wait_for_search(admin, recorder.acks, options.search_timeout, verification)
@@ -854,6 +921,7 @@ async def run(options: Options, *, stream: TextIO | None = None) -> Results:
         latency_ms=latency,
         client=dict(stats),
         queue_samples=samples,
+        scrape_failures=recorder.scrape_failures,
         honoured_429=recorder.honoured_429,
         early_429=recorder.early_429,
         generator_cpu=cpu / load_seconds if load_seconds > 0 else 0.0,
@@ -862,6 +930,7 @@ async def run(options: Options, *, stream: TextIO | None = None) -> Results:
             "p99": _to_ms(percentile(lags, 99)),
             "max": _to_ms(max(lags) if lags else None),
         },
+        server_latency_ms=server_latency(histograms_before, histograms_after),
         verification=verification,
         acks=recorder.acks,
     )
@@ -936,6 +1005,15 @@ def report(results: Results, out: TextIO) -> None:
             for k in ("p50", "p95", "p99", "max")
         )
         write(f"  {name:<32}{row['n']:>7}{cells}")
+    for route, row in results.server_latency_ms.items():
+        cells = "".join(
+            f"{'-' if row[k] is None else format(row[k], '.1f'):>9}" for k in ("p50", "p95", "p99")
+        )
+        write(f"  {'server ' + route:<32}{row['n'] or 0:>7.0f}{cells}")
+    write(
+        "  (server rows: the service's own http_server_request_duration_seconds buckets, "
+        "interpolated; n counts the requests of the process(es) the scrape reached)"
+    )
     write()
     codes = [200, 201, 304, 409, 412, 428, 429]
     line = "  ".join(f"{code}: {statuses[code]}" for code in codes)
@@ -962,6 +1040,7 @@ def report(results: Results, out: TextIO) -> None:
     write(f"bytes      patches {patch:,} (avg {per}/save) vs full pages {full:,}: {ratio}")
     write()
     samples = results.queue_samples
+    failed = f", {results.scrape_failures} scrapes failed" if results.scrape_failures else ""
     if samples:
         ascii_only = "utf" not in (getattr(out, "encoding", None) or "").lower()
         totals = [s.total for s in samples]
@@ -969,7 +1048,7 @@ def report(results: Results, out: TextIO) -> None:
         write(
             "queue      index: max "
             + ", ".join(f"{state} {n:.0f}" for state, n in most.items())
-            + f" ({len(samples)} scrapes)"
+            + f" ({len(samples)} scrapes{failed})"
         )
         write(f"  over time |{sparkline(totals, ascii_only=ascii_only)}| max {max(totals):.0f}")
         picks = sorted({round(i * (len(samples) - 1) / 5) for i in range(6)})

@@ -302,7 +302,11 @@ def create_app(
     if settings.redis_url:
         import redis
 
-        redis_client = redis.Redis.from_url(settings.redis_url)
+        # blocking pool: wait for a free connection rather than fail (and let requests through)
+        pool = redis.BlockingConnectionPool.from_url(
+            settings.redis_url, max_connections=100, timeout=2.0
+        )
+        redis_client = redis.Redis.from_pool(pool)
     storage: object = redis_client if redis_client is not None else "memory://"
     per_ip = RateLimiter(
         settings.ip_limit,

@@ -205,7 +205,12 @@ def create_app(
     if settings.redis_url:
         import redis.asyncio
 
-        redis_client = redis.asyncio.Redis.from_url(settings.redis_url)
+        # a blocking pool: past max_connections, wait for a free one rather than fail (a
+        # failing limiter storage would switch the limits off: on_backend_error="allow")
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            settings.redis_url, max_connections=100, timeout=2.0
+        )
+        redis_client = redis.asyncio.Redis.from_pool(pool)
     storage: object = redis_client if redis_client is not None else "memory://"
     per_ip = AsyncRateLimiter(
         settings.ip_limit,

@@ -148,6 +148,7 @@ def make_engine(database_url: str) -> sa.Engine:
     return engine
 
 
+_SCHEMA_LOCK = 0x7061676573  # "pages": the advisory lock key for schema creation
 metadata = sa.MetaData()
 page_words = sa.Table(
     "page_words",
@@ -241,10 +242,22 @@ class PageStore:
         self.indexer = IndexWorker(self.jobs, engine=engine, metrics=metrics)
 
     def create_schema(self) -> None:
-        """Create every table (history, jobs, search index) if missing."""
-        self.history.create_schema()
-        self.jobs.create_schema()
-        metadata.create_all(self.engine)
+        """Create every table (history, jobs, search index) if missing.
+
+        Several worker processes start at once; on PostgreSQL they take turns under an
+        advisory lock, or two ``CREATE TABLE``s of the same name collide.
+        """
+        postgres = self.engine.dialect.name == "postgresql"
+        with self.engine.connect() as lock:
+            if postgres:
+                lock.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": _SCHEMA_LOCK})
+            try:
+                self.history.create_schema()
+                self.jobs.create_schema()
+                metadata.create_all(self.engine)
+            finally:
+                if postgres:
+                    lock.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": _SCHEMA_LOCK})
 
     def create(self, blocks: object) -> Page:
         """Store a new page at version 1 and enqueue its indexing, in one transaction."""
@@ -370,6 +383,7 @@ class IndexWorker(QueueProcessor):
     max_attempts = 5
     concurrency = 2
     poll_interval = 0.05
+    metrics_interval = 1.0  # queue depth for dashboards, refreshed every second
     lease = 30.0
     heartbeat = 10.0
 

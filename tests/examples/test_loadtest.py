@@ -7,6 +7,7 @@ each page's newest marker. With a tiny save limit, 429s are counted and waited o
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import signal
@@ -19,7 +20,17 @@ from pathlib import Path
 
 import httpx
 import pytest
-from examples.loadtest import Options, Results, make_edit, make_page, queue_depth, run, sparkline
+from examples.loadtest import (
+    Options,
+    Results,
+    histogram_quantile,
+    make_edit,
+    make_page,
+    queue_depth,
+    run,
+    server_latency,
+    sparkline,
+)
 
 from hardening import Metrics
 from tests.conftest import free_port
@@ -110,6 +121,9 @@ async def test_concurrent_editors_lose_nothing(serve: Serve) -> None:
     assert results.latency_ms["save (as the user waited)"]["n"] == results.acknowledged
     assert results.verification.search_seconds is not None
     assert results.verification.markers_checked > 0
+    # one server process: its own histogram saw exactly the PATCHes the users sent
+    patches = sum(results.statuses["PATCH page"].values())
+    assert results.server_latency_ms["PATCH /pages/{page_id}"]["n"] == patches
 
 
 @pytest.mark.anyio
@@ -174,3 +188,15 @@ def test_queue_depth_from_an_exposition() -> None:
     assert depth["waiting"] == 7
     assert depth["running"] == 2
     assert sparkline([0, 1, 2, 4], ascii_only=True) == " :=@"
+
+
+def test_server_latency_from_histogram_deltas() -> None:
+    before = {"PATCH /pages/{page_id}": {0.01: 5.0, 0.1: 5.0, math.inf: 5.0}}
+    after = {"PATCH /pages/{page_id}": {0.01: 5.0, 0.1: 105.0, math.inf: 115.0}}
+    table = server_latency(before, after)
+    row = table["PATCH /pages/{page_id}"]
+    assert row["n"] == 110
+    assert row["p50"] == pytest.approx(10 + 90 * 55 / 100)  # ms, inside the (10, 100] bucket
+    assert row["p99"] == 100.0  # past the last finite bound: that bound
+    assert table["GET /pages/{page_id}"]["p50"] is None
+    assert histogram_quantile(0.5, {}) is None

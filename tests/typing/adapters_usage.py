@@ -15,12 +15,13 @@ from hardening import (
 )
 from hardening.adapters import (
     RateLimitRule,
+    asgi,
     parse_json_body,
     parse_patch_body,
     redis_check,
     sql_check,
+    wsgi,
 )
-from hardening.adapters import asgi, wsgi
 
 metrics = Metrics()
 

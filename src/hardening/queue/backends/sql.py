@@ -39,6 +39,10 @@ __all__ = ["SQLBackend", "jobs_table"]
 _CLEANUP_CHUNK = 5000
 
 
+# the dedupe index's predicate; ``enqueue`` repeats it, as constants, in ON CONFLICT
+_DEDUPE_WHERE = "state IN ('waiting', 'retrying') AND dedupe_key IS NOT NULL"
+
+
 def jobs_table(
     metadata: sa.MetaData, name: str = "hardening_jobs", *, schema: str | None = None
 ) -> sa.Table:
@@ -100,7 +104,7 @@ def jobs_table(
         postgresql_where=finished,
         sqlite_where=finished,
     )
-    dedupe = sa.text("state IN ('waiting', 'retrying') AND dedupe_key IS NOT NULL")
+    dedupe = sa.text(_DEDUPE_WHERE)
     sa.Index(
         f"{name}_dedupe_idx",
         table.c.queue,
@@ -321,7 +325,9 @@ class SQLBackend:
         from sqlalchemy.dialects import postgresql, sqlite
 
         insert: Any = postgresql.insert if self._postgres else sqlite.insert
-        where = sa.and_(self.table.c.state.in_(READY_STATES), self.table.c.dedupe_key.is_not(None))
+        # the index's own predicate, as constants: bound parameters here would let a prepared
+        # statement's generic plan (psycopg prepares after 5 runs) match no partial index
+        where = sa.text(_DEDUPE_WHERE)
         return (
             insert(self.table)
             .values(**values)
