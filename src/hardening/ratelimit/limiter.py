@@ -55,6 +55,7 @@ KeyArg = str | Callable[..., str]
 _PREFIX_UNSAFE = re.compile(r"[^A-Za-z0-9_.:/*-]")  # braces would move Redis Cluster hash tags
 _MAX_KEY_CHARS = 200  # longer keys are hashed: bounded Redis key size whatever the input
 _BLOCK_CACHE_MAX = 10_000
+_REQUEST_CACHE_MAX = 4_096
 
 
 class _BackendHealth:
@@ -131,6 +132,7 @@ class _LimiterBase:
     def _fresh_state(self) -> None:
         """The per-limits state: in-process fallback counters, block cache, windows."""
         self._local = MemoryRateLimitStorage(clock=self.clock)
+        self._requests: dict[tuple[str, int, str | None, bool], HitRequest] = {}
         self._blocked: dict[str, float] = {}  # storage key -> monotonic time the block ends
         self._blocked_lock = threading.Lock()
         windows = {limit.window for limit in self.limits}
@@ -226,6 +228,19 @@ class _LimiterBase:
         return self.tiers.get(tier, self.limits)
 
     def _request(self, key: str, cost: int, tier: str | None, peek: bool) -> HitRequest | None:
+        # the same principals come back on every request: build their (immutable) request once
+        cache_key = (key, cost, tier, peek)
+        cached = self._requests.get(cache_key)
+        if cached is not None and type(key) is str and type(cost) is int:
+            return cached
+        request = self._new_request(key, cost, tier, peek)
+        if request is not None:
+            if len(self._requests) >= _REQUEST_CACHE_MAX:
+                self._requests.clear()
+            self._requests[cache_key] = request
+        return request
+
+    def _new_request(self, key: str, cost: int, tier: str | None, peek: bool) -> HitRequest | None:
         if not isinstance(cost, int) or isinstance(cost, bool) or cost < 1:
             raise ConfigurationError(f"cost must be a positive integer, not {cost!r}")
         limits = self.limits_for(tier)

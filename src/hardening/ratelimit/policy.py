@@ -370,7 +370,11 @@ class RateLimitDecision:
                 timestamp=result.now,
             )
         if result.allowed:
-            binding = min(states, key=lambda s: (s.remaining, -s.reset_after))
+            binding = (
+                states[0]
+                if len(states) == 1
+                else min(states, key=lambda s: (s.remaining, -s.reset_after))
+            )
             retry_after = None
         else:
             refused = [s for s in states if s.retry_after is not None]

@@ -140,6 +140,21 @@ class MemoryRateLimitStorage:
 
     def _evaluate(self, entry: _Entry, request: HitRequest, now: float) -> HitResult:
         cost, strategy = request.cost, request.strategy
+        if len(request.limits) == 1 and strategy != "mw" and not request.peek:
+            # the common case, without the all-or-nothing bookkeeping for several limits
+            (limit,) = request.limits
+            counters = entry.counters
+            counter = counters.get((strategy, limit.window))
+            if counter is None:
+                counter = counters[(strategy, limit.window)] = CounterState()
+            ok, state = counter_hit(counter, limit, now, cost, sliding=strategy == "swc")
+            if ok:
+                counter_commit(counter, cost)
+                return HitResult(True, (state,), now)
+            if request.block_for > 0:
+                entry.blocked_until = now + request.block_for
+                return HitResult(False, (state,), now, blocked_for=request.block_for)
+            return HitResult(False, (state,), now)
         verdicts = []
         if strategy == "mw":
             for limit in request.limits:
