@@ -369,3 +369,30 @@ def test_sentinel_url(redis_server_factory: Callable[..., RedisServer], tmp_path
     finally:
         sentinel.kill()
         sentinel.wait(timeout=10)
+
+
+def test_with_limits_shares_storage_not_counters() -> None:
+    """A derived limiter (per-route rules) keeps its own counters on the shared storage."""
+    clock = FakeClock()
+    base = RateLimiter("3/minute", clock=clock, tiers={"pro": 2, "team": "50/hour"})
+    saves = base.with_limits("1/minute", name="PATCH /pages/*")
+    assert saves._storage is base._storage
+    assert saves.key_prefix == "hardening:PATCH_/pages/*"
+    assert saves.hit("user:1").allowed
+    assert not saves.hit("user:1").allowed
+    assert base.hit("user:1").remaining == 2  # the base limiter's counter is untouched
+    assert saves.hit("user:2", tier="pro").limit == 2  # multiplier tiers carry over
+    assert saves.hit("user:3", tier="team").limit == 1  # explicit ones do not
+    saves.close()  # does not close the shared storage
+    assert base.hit("user:1").allowed
+
+
+def test_repeated_hits_reuse_the_request_but_still_check_arguments() -> None:
+    """The per-principal request cache never lets a bad cost or key type through."""
+    limiter = RateLimiter("5/minute", clock=FakeClock())
+    limiter.hit("k", cost=1)
+    with pytest.raises(ConfigurationError):
+        limiter.hit("k", cost=True)  # equal to 1 as a dict key, still refused
+    with pytest.raises(ConfigurationError):
+        limiter.hit("k", cost=0)
+    assert limiter.hit("k", tier="unknown").remaining == 3  # unknown tier: base limits
