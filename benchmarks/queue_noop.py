@@ -1,4 +1,4 @@
-"""The no-op job function rq imports by name in benchmarks/queue.py."""
+"""The no-op job function rq imports by name in benchmarks/jobqueue.py."""
 
 
 def noop(i: int) -> None:

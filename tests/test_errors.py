@@ -9,9 +9,11 @@ import pytest
 from hardening import errors
 from hardening.errors import (
     BackendUnavailable,
+    CacheError,
     ConfigurationError,
     ConflictError,
     HardeningError,
+    InvalidCursor,
     InvalidPatch,
     JobRejected,
     LeaseLost,
@@ -26,7 +28,9 @@ from hardening.errors import (
     PreconditionFailed,
     PreconditionRequired,
     RateLimitExceeded,
+    RowRejected,
     UnsupportedMediaType,
+    ValueTooLarge,
 )
 
 
@@ -82,6 +86,10 @@ def test_patch_errors_carry_op_and_index() -> None:
         (PatchConflict("both edit", block_id="b1", field="/content"), 409),
         (JobRejected("not JSON", queue="q"), 422),
         (LeaseLost("j1", queue="q"), 409),
+        (InvalidCursor("signature"), 400),
+        (RowRejected(3, "duplicate key"), 422),
+        (CacheError("k", "not JSON"), 500),
+        (ValueTooLarge("k", 2048, 1024), 500),
     ],
 )
 def test_each_error_has_one_http_status(exc: HardeningError, status: int) -> None:
@@ -99,6 +107,16 @@ def test_builtin_bases_are_natural() -> None:
     assert issubclass(PatchError, ValueError)
     assert issubclass(PatchLimitExceeded, InvalidPatch)
     assert issubclass(PatchTestFailed, PatchApplyError)
+    assert issubclass(ValueTooLarge, CacheError)
+    assert issubclass(ValueTooLarge, ValueError)
+
+
+def test_value_too_large_carries_sizes() -> None:
+    """A refused cache value names its key, size and the limit; the client sees sizes only."""
+    exc = ValueTooLarge("page:1", 2_000_000, 1_048_576)
+    assert (exc.key, exc.size, exc.max_bytes) == ("page:1", 2_000_000, 1_048_576)
+    assert "max_value_bytes=1048576" in str(exc)
+    assert exc.details() == {"size": 2_000_000, "max_bytes": 1_048_576}
 
 
 def test_details_are_declared_attributes() -> None:
@@ -127,6 +145,7 @@ def test_errors_pickle_with_their_data() -> None:
         ConflictError("Page", 1, expected_version=1, current_version=2),
         PatchLimitExceeded("too many", limit="max_ops", value=5, maximum=4, op_index=1),
         RateLimitExceeded("k", 2.0, headers={"Retry-After": "2"}),
+        ValueTooLarge("k", 10, 5),
     ):
         again = pickle.loads(pickle.dumps(exc))
         assert type(again) is type(exc)

@@ -19,15 +19,19 @@ The tree::
     ├── UnsupportedMediaType                         wrong Content-Type for a patch      415
     ├── MalformedBody (ValueError)                   a request body that does not parse  400
     ├── PayloadTooLarge                              a request body over the size limit  413
+    ├── InvalidCursor (ValueError)                   a pagination cursor that is refused 400
+    ├── RowRejected (ValueError)                     a batched insert stopped at a row   422
     ├── PatchError (ValueError)                      a JSON Patch was refused            422
     │   ├── InvalidPatch                             malformed: bad op, pointer or type  422
     │   │   └── PatchLimitExceeded                   over a PatchLimits resource bound   413
     │   ├── PatchApplyError                          well-formed, but does not apply     422
     │   │   └── PatchTestFailed                      a ``test`` op (or id guard) failed  409
     │   └── PatchConflict                            concurrent edits clash on a field   409
-    └── QueueError                                   job queue problems
-        ├── JobRejected (ValueError)                 payload not JSON or too large       422
-        └── LeaseLost                                the worker's claim on a job expired 409
+    ├── QueueError                                   job queue problems
+    │   ├── JobRejected (ValueError)                 payload not JSON or too large       422
+    │   └── LeaseLost                                the worker's claim on a job expired 409
+    └── CacheError                                   a value the cache cannot store      500
+        └── ValueTooLarge (ValueError)               over the cache's max_value_bytes    500
 """
 
 from __future__ import annotations
@@ -37,11 +41,15 @@ from typing import TYPE_CHECKING, ClassVar
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    from hardening.data.batch import InsertReport
+
 __all__ = [
     "BackendUnavailable",
+    "CacheError",
     "ConfigurationError",
     "ConflictError",
     "HardeningError",
+    "InvalidCursor",
     "InvalidPatch",
     "JobRejected",
     "LeaseLost",
@@ -58,7 +66,9 @@ __all__ = [
     "PreconditionRequired",
     "QueueError",
     "RateLimitExceeded",
+    "RowRejected",
     "UnsupportedMediaType",
+    "ValueTooLarge",
 ]
 
 JSONScalar = str | int | float | bool | None
@@ -308,6 +318,51 @@ class PayloadTooLarge(HardeningError):
         super().__init__(f"request body larger than {max_bytes} bytes")
 
 
+class InvalidCursor(HardeningError, ValueError):
+    """A pagination cursor was refused (HTTP 400); ask for the first page again.
+
+    Args:
+        reason: ``"malformed"`` (not a cursor), ``"signature"`` (altered, or signed with another
+            secret), ``"ordering"`` (made for another ordering) or ``"expired"`` (older than the
+            ``max_age`` the query allows).
+
+    Attributes:
+        reason: as given.
+    """
+
+    http_status = 400
+    title = "Invalid cursor"
+    _detail_fields: ClassVar[tuple[str, ...]] = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"invalid pagination cursor ({reason})")
+
+
+class RowRejected(HardeningError, ValueError):
+    """A batched insert asked to stop on the first bad row met one (``stop_on_error=True``).
+
+    Args:
+        index: the row's position in the input, from 0.
+        reason: why the validator or the database refused it.
+        report: what was done before stopping (with ``transaction="per_batch"``, the earlier
+            batches stay committed), an :class:`~hardening.InsertReport`.
+
+    Attributes:
+        index, reason, report: as given.
+    """
+
+    http_status = 422
+    title = "Row rejected"
+    _detail_fields: ClassVar[tuple[str, ...]] = ("index", "reason")
+
+    def __init__(self, index: int, reason: str, *, report: InsertReport | None = None) -> None:
+        self.index = index
+        self.reason = reason
+        self.report = report
+        super().__init__(f"row {index} rejected: {reason}")
+
+
 class PatchError(HardeningError, ValueError):
     """A JSON Patch was refused; nothing was changed.
 
@@ -445,3 +500,48 @@ class LeaseLost(QueueError):
         self.job_id = job_id
         self.queue = queue
         super().__init__(f"lease on job {job_id!r} of queue {queue!r} was lost")
+
+
+class CacheError(HardeningError):
+    """The cache was given a value it cannot store (not serializable by its serializer).
+
+    A programming error in the caller, hence HTTP 500. Backend failures are not cache errors:
+    they are handled by the cache's ``on_backend_error`` (or raised as
+    :class:`BackendUnavailable`).
+
+    Args:
+        key: the cache key the value was meant for.
+        reason: what is wrong, in words.
+
+    Attributes:
+        key, reason: as given.
+    """
+
+    title = "Cache error"
+    _detail_fields: ClassVar[tuple[str, ...]] = ("reason",)
+
+    def __init__(self, key: str, reason: str) -> None:
+        self.key = key
+        self.reason = reason
+        super().__init__(f"cannot cache {key[:100]!r}: {reason}")
+
+
+class ValueTooLarge(CacheError, ValueError):
+    """A serialized value is larger than the cache's ``max_value_bytes``; nothing was stored.
+
+    Args:
+        key: the cache key the value was meant for.
+        size: the serialized size in bytes.
+        max_bytes: the limit.
+
+    Attributes:
+        key, size, max_bytes: as given.
+    """
+
+    title = "Cache value too large"
+    _detail_fields: ClassVar[tuple[str, ...]] = ("size", "max_bytes")
+
+    def __init__(self, key: str, size: int, max_bytes: int) -> None:
+        self.size = size
+        self.max_bytes = max_bytes
+        super().__init__(key, f"{size} bytes serialized, over max_value_bytes={max_bytes}")

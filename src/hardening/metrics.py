@@ -9,7 +9,8 @@ hot path pays one dict lookup instead of ``prometheus_client``'s label resolutio
 
 The other primitives report into built-in families through fixed methods
 (:meth:`Metrics.http_request`, :meth:`Metrics.rate_limit_decision`, :meth:`Metrics.lock_conflict`,
-:meth:`Metrics.patch_applied`, :meth:`Metrics.queue_depth`, :meth:`Metrics.job_finished`...).
+:meth:`Metrics.patch_applied`, :meth:`Metrics.queue_depth`, :meth:`Metrics.job_finished`,
+:meth:`Metrics.cache_request`...).
 The HTTP families keep their OpenTelemetry semantic-convention names, hardening's own families
 are called ``hardening_*`` and an application's families get the ``namespace`` prefix.
 
@@ -97,6 +98,8 @@ _BYTES_BUCKETS = tuple(float(4**n * 256) for n in range(9))  # 256 B .. 16 MiB
 _BLOCKS_BUCKETS = (1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0)
 
 _RATE_LIMIT_OUTCOMES = frozenset({"allowed", "denied", "blocked", "error"})
+_CACHE_RESULTS = frozenset({"hit", "miss"})
+_CACHE_LOAD_OUTCOMES = frozenset({"loaded", "refreshed", "error"})
 _METHOD_LABEL = "http_request_method"
 # A hard ceiling on each family's child cache, on top of the per-label guard.
 _CACHE_LIMIT = 10_000
@@ -620,6 +623,37 @@ _JOBS_DEAD = _Builtin(
     "Jobs moved to the dead-letter state after their last attempt.",
     ("queue",),
 )
+_CACHE_REQUESTS = _Builtin(
+    "counter",
+    "hardening_cache_requests_total",
+    "Cache reads by cache and result (hit, miss); the hit ratio is hits over all.",
+    ("cache", "result"),
+)
+_CACHE_LOADS = _Builtin(
+    "counter",
+    "hardening_cache_loads_total",
+    "Cache loader runs by cache and outcome (loaded, refreshed early, error).",
+    ("cache", "outcome"),
+)
+_CACHE_LOAD_DURATION = _Builtin(
+    "histogram",
+    "hardening_cache_load_duration_seconds",
+    "Duration of cache loader runs.",
+    ("cache",),
+    _HTTP_DURATION_BUCKETS,
+)
+_CACHE_STAMPEDES = _Builtin(
+    "counter",
+    "hardening_cache_stampedes_avoided_total",
+    "Cache callers that got another caller's load instead of running the loader.",
+    ("cache",),
+)
+_CACHE_ERRORS = _Builtin(
+    "counter",
+    "hardening_cache_errors_total",
+    "Cache storage operations that failed or were skipped while it was failing.",
+    ("cache", "operation"),
+)
 _OVERFLOW = _Builtin(
     "counter",
     "hardening_metrics_label_overflow_total",
@@ -1007,6 +1041,58 @@ class Metrics:
             queue: the queue's name.
         """
         self._builtin(GuardedCounter, _JOBS_DEAD).labels(queue).inc()
+
+    def cache_request(self, cache: str, result: str, count: int = 1) -> None:
+        """Count cache reads in ``hardening_cache_requests_total{cache,result}``.
+
+        Args:
+            cache: the cache's name.
+            result: ``"hit"`` or ``"miss"``.
+            count: how many reads (a ``get_many`` counts each key).
+
+        Raises:
+            ConfigurationError: for another result.
+        """
+        if result not in _CACHE_RESULTS:
+            raise ConfigurationError(f"cache result must be 'hit' or 'miss', not {result!r}")
+        self._builtin(GuardedCounter, _CACHE_REQUESTS).labels(cache, result).inc(count)
+
+    def cache_load(self, cache: str, outcome: str, duration: float) -> None:
+        """Record a loader run in ``hardening_cache_loads_total`` and its duration histogram.
+
+        Args:
+            cache: the cache's name.
+            outcome: ``"loaded"`` (a miss), ``"refreshed"`` (early, before expiry) or
+                ``"error"`` (the loader raised).
+            duration: the run's duration in seconds
+                (``hardening_cache_load_duration_seconds{cache}``).
+
+        Raises:
+            ConfigurationError: for another outcome.
+        """
+        if outcome not in _CACHE_LOAD_OUTCOMES:
+            raise ConfigurationError(
+                f"cache load outcome must be one of {sorted(_CACHE_LOAD_OUTCOMES)}, not {outcome!r}"
+            )
+        self._builtin(GuardedCounter, _CACHE_LOADS).labels(cache, outcome).inc()
+        self._builtin(GuardedHistogram, _CACHE_LOAD_DURATION).labels(cache).observe(duration)
+
+    def cache_stampede_avoided(self, cache: str) -> None:
+        """Count a caller served by another's load in ``hardening_cache_stampedes_avoided_total``.
+
+        Args:
+            cache: the cache's name.
+        """
+        self._builtin(GuardedCounter, _CACHE_STAMPEDES).labels(cache).inc()
+
+    def cache_error(self, cache: str, operation: str) -> None:
+        """Count a failed (or skipped) storage call in ``hardening_cache_errors_total``.
+
+        Args:
+            cache: the cache's name.
+            operation: ``"get"``, ``"set"``, ``"delete"``, ``"invalidate"`` or ``"lock"``.
+        """
+        self._builtin(GuardedCounter, _CACHE_ERRORS).labels(cache, operation).inc()
 
     # --- exposition ------------------------------------------------------------------------
 

@@ -189,3 +189,75 @@ async def save_async(engine: AsyncEngine) -> DocumentVersion:
     async_history = AsyncDocumentHistory(engine, conflict="last-write-wins")
     await async_history.save("page", page_ops, base_version=2)
     return await async_history.load("page")
+
+
+# --- cache -------------------------------------------------------------------------------------
+from hardening import (
+    DEFAULT_TTL_PROFILES,
+    AsyncCache,
+    Cache,
+    CacheStats,
+    JSONSerializer,
+    PickleSerializer,
+    Serializer,
+    ValueTooLarge,
+)
+from hardening.adapters.asgi import CacheMiddleware as ASGICacheMiddleware
+from hardening.adapters.wsgi import CacheMiddleware as WSGICacheMiddleware
+
+cache = Cache(
+    namespace="pages",
+    default_ttl="project",
+    profiles={**DEFAULT_TTL_PROFILES, "user": timedelta(minutes=10)},
+    serializer=JSONSerializer(),
+    metrics=metrics,
+    max_entries=1000,
+    on_backend_error="miss",
+)
+serializer: Serializer = PickleSerializer()
+cache.set("project:42", {"title": "Docs"}, ttl="project", tags=["project:42"])
+cached_project: object = cache.get("project:42")
+cached_many: dict[str, object] = cache.get_many(["project:42", "project:43"])
+cache.set_many({"block:1": [1], "block:2": [2]}, ttl=timedelta(minutes=1))
+loaded_title: str = cache.get_or_set("title:42", lambda: "Docs", ttl=60.0, tags=["project:42"])
+invalidated: int = cache.invalidate_tags(["project:42"]) + cache.invalidate_prefix("block:")
+deleted: bool = cache.delete("project:42")
+cache_stats: CacheStats = cache.stats()
+ratio: float = cache_stats.hit_ratio
+
+
+@cache.cached(ttl="block", key="block:{block_id}", tags=["block:{block_id}"])
+def load_block(block_id: int) -> dict[str, int]:
+    return {"id": block_id}
+
+
+cached_block: dict[str, int] = load_block(1)
+try:
+    cache.set("huge", "x" * 2_000_000)
+except ValueTooLarge as too_large:
+    too_large_size: int = too_large.size
+async_cache = AsyncCache("memory://", namespace="api", jitter=0.0)
+
+
+@async_cache.cached(ttl=30)
+async def load_theme(name: str) -> str:
+    return name
+
+
+async def read_theme() -> str:
+    async def load() -> str:
+        return "dark"
+
+    value: str = await async_cache.get_or_set("theme", load, ttl="theme")
+    await async_cache.invalidate_tags("theme")
+    return value + await load_theme("light")
+
+
+asgi_cached = ASGICacheMiddleware(
+    lambda scope, receive, send: send({"type": "noop"}),
+    async_cache,
+    ttl="project",
+    paths={"/projects/{project_id}/**": ["project:{project_id}"]},
+    invalidate_on={"PUT,PATCH,DELETE /projects/{project_id}/**": ["project:{project_id}"]},
+)
+wsgi_cached = WSGICacheMiddleware(lambda environ, start_response: [], cache, max_age=0)

@@ -1,4 +1,4 @@
-"""Pure ASGI middleware and apps: rate limits, metrics, error mapping, body limits, /metrics.
+"""Pure ASGI middleware and apps: rate limits, metrics, errors, body limits, caching, /metrics.
 
 Every middleware is a plain class: ``__init__`` does the setup once, ``__call__`` only
 branches, non-HTTP scopes (lifespan, websocket) pass straight through, responses are changed by
@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from hardening.adapters._http import (
     UNAUTHORIZED,
+    ASGIHeaders,
     HealthReport,
     PathMatcher,
     RateLimitPlan,
@@ -36,17 +37,22 @@ from hardening.adapters._http import (
     method_not_allowed,
     parse_content_length,
 )
+from hardening.cache import AsyncCache
+from hardening.cache.http import CachedResponse, ResponseCachePlan
 from hardening.errors import ConfigurationError, HardeningError, MalformedBody, PayloadTooLarge
 from hardening.ratelimit import AsyncRateLimiter, RequestInfo
 
 if TYPE_CHECKING:
     from hardening.adapters._http import CheckResult, Cost, HeaderList, Tier
+    from hardening.cache.http import TagsArg
+    from hardening.cache.policy import TTL
     from hardening.metrics import Metrics
     from hardening.ratelimit import KeyFunc, TrustedProxies
 
 __all__ = [
     "ASGIApp",
     "BodyLimitMiddleware",
+    "CacheMiddleware",
     "ErrorMiddleware",
     "MetricsMiddleware",
     "RateLimitMiddleware",
@@ -356,6 +362,204 @@ class BodyLimitMiddleware:
             if started:
                 raise
             await _respond(send, error_response(exc), head=head)
+
+
+def _raw_headers(headers: HeaderList) -> list[tuple[bytes, bytes]]:
+    return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
+
+
+def _text_headers(raw: Iterable[tuple[bytes, bytes]]) -> HeaderList:
+    return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in raw]
+
+
+class CacheMiddleware:
+    """Cache whole ``GET`` responses in an :class:`~hardening.AsyncCache`, with ``ETag``/``304``.
+
+    A ``GET`` or ``HEAD`` under ``paths`` is answered from the cache when a response is stored
+    for its path, query and ``vary`` headers (``X-Cache: HIT``, ``Age``), or ``304`` when its
+    ``If-None-Match`` names the stored ``ETag``. Otherwise the app answers (``X-Cache: MISS``)
+    and a ``GET``'s response is stored when it is a 200 with a ``Content-Length`` up to
+    ``max_body_bytes``, no ``Set-Cookie``, no ``Cache-Control: private|no-store|no-cache`` and
+    no ``Vary`` beyond ``vary``; ``ETag`` (a hash of the body) and ``Cache-Control:
+    max-age`` are added when the app set none. Such a response is buffered (it is small and
+    its length is known); others stream through untouched. Requests carrying
+    ``private_headers`` (credentials) bypass the cache unless those headers are in ``vary``.
+    An unsafe request matching ``invalidate_on`` invalidates its tags as soon as the app
+    answers it with a status below 400, before the answer reaches the client. A failing cache
+    storage reads as a miss (see the cache's ``on_backend_error``): the app answers.
+
+    Args:
+        app: the ASGI app.
+        cache: the :class:`~hardening.AsyncCache` to store responses in.
+        ttl: how long responses are stored: seconds, ``timedelta`` or a TTL profile name.
+        paths: path patterns whose responses are cached (``*`` one segment, ``**`` any,
+            ``{param}`` / ``<param>`` one segment, captured for tags), or a mapping of
+            pattern to its responses' tags: ``{"/projects/{project_id}/**":
+            ["project:{project_id}"]}`` (format strings over the pattern's parameters, or a
+            function of the :class:`~hardening.RequestInfo`).
+        tags: tags of every stored response, as in ``paths``.
+        vary: request headers that select different stored responses.
+        private_headers: credentials: requests carrying them bypass the cache.
+        invalidate_on: ``{"PUT,PATCH,DELETE /projects/{project_id}/**":
+            ["project:{project_id}"]}``: tags to invalidate when such a request succeeds.
+        max_body_bytes: the largest body stored.
+        max_age: the ``max-age`` sent to clients when the app sets no ``Cache-Control``:
+            ``None`` for the TTL, 0 for ``no-cache`` (revalidate each time: cheap ``304``
+            answers, invalidations seen at once).
+
+    Raises:
+        ConfigurationError: ``cache`` is not an ``AsyncCache``, or an option is invalid.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        cache: AsyncCache,
+        *,
+        ttl: TTL = 60.0,
+        paths: Iterable[str] | Mapping[str, TagsArg] = ("/**",),
+        tags: TagsArg | None = None,
+        vary: Iterable[str] = ("accept",),
+        private_headers: Iterable[str] = ("authorization", "cookie"),
+        invalidate_on: Mapping[str, TagsArg] | None = None,
+        max_body_bytes: int = 512 * 1024,
+        max_age: float | None = None,
+    ) -> None:
+        if not isinstance(cache, AsyncCache):
+            raise ConfigurationError(
+                f"the ASGI CacheMiddleware needs an AsyncCache, not {type(cache).__name__}"
+            )
+        self.app = app
+        self.cache = cache
+        self.plan = ResponseCachePlan.for_cache(
+            cache,
+            ttl=ttl,
+            paths=paths,
+            tags=tags,
+            vary=vary,
+            private_headers=private_headers,
+            invalidate_on=invalidate_on or {},
+            max_body_bytes=max_body_bytes,
+            max_age=max_age,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer from the cache, or run the app and store its answer."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        method = scope.get("method", "GET")
+        if method not in ("GET", "HEAD"):
+            await self._unsafe(scope, receive, send, method)
+            return
+        path = scope.get("path", "/")
+        matched = self.plan.match(path)
+        headers = ASGIHeaders(scope.get("headers") or ())
+        if matched is None or self.plan.bypass(headers):
+            await self.app(scope, receive, send)
+            return
+        query = scope.get("query_string", b"").decode("latin-1")
+        key = self.plan.key(path, query, headers)
+        entry = CachedResponse.from_json(await self.cache.get(key))
+        clock = self.cache.clock
+        if entry is not None:
+            response = self.plan.replay(entry, headers.get("if-none-match"), clock.time(), "HIT")
+            await _respond(send, response, head=method == "HEAD")
+            return
+        if method == "HEAD":
+            await self.app(scope, receive, _marked(send))
+            return
+        route, params = matched
+        held: Message | None = None
+        parts: list[bytes] = []
+        size = 0
+        expected = 0
+
+        async def send_storing(message: Message) -> None:
+            nonlocal held, size, expected
+            if held is None:
+                if message["type"] == "http.response.start":
+                    headers_out = _text_headers(message.get("headers", ()))
+                    length = self.plan.storable(message["status"], headers_out)
+                    if length is not None:
+                        held, expected = message, length
+                        return
+                await _marked(send)(message)
+                return
+            if message["type"] != "http.response.body":  # an extension (pathsend, trailers)
+                await _marked(send)(held)
+                if parts:
+                    await send(
+                        {"type": "http.response.body", "body": b"".join(parts), "more_body": True}
+                    )
+                held = None
+                await send(message)
+                return
+            parts.append(message.get("body", b""))
+            size += len(parts[-1])
+            if message.get("more_body", False) and size <= expected:
+                return
+            await self._finish(send, held, parts, expected, scope, headers, key, route, params)
+
+        await self.app(scope, receive, send_storing)
+
+    async def _finish(
+        self,
+        send: Send,
+        start: Message,
+        parts: list[bytes],
+        expected: int,
+        scope: Scope,
+        headers: ASGIHeaders,
+        key: str,
+        route: Any,
+        params: dict[str, str],
+    ) -> None:
+        body = b"".join(parts)
+        if len(body) != expected:  # the app broke its Content-Length: pass it on, unstored
+            await _marked(send)(start)
+            await send({"type": "http.response.body", "body": body})
+            return
+        plan = self.plan
+        entry = plan.store(
+            start["status"], _text_headers(start.get("headers", ())), body, self.cache.clock.time()
+        )
+        status, out, body = plan.replay(
+            entry, headers.get("if-none-match"), entry.stored_at, "MISS"
+        )
+        await send({**start, "status": status, "headers": _raw_headers(out)})
+        await send({"type": "http.response.body", "body": body})
+        tags = plan.tags(route, params, asgi_request_info(scope))
+        await self.cache.set(key, entry.to_json(), ttl=plan.ttl, tags=tags)
+
+    async def _unsafe(self, scope: Scope, receive: Receive, send: Send, method: str) -> None:
+        tags = (
+            self.plan.invalidated(method, scope.get("path", "/"), asgi_request_info(scope))
+            if self.plan.invalidations
+            else []
+        )
+        if not tags:
+            await self.app(scope, receive, send)
+            return
+
+        async def send_invalidating(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] < 400:
+                await self.cache.invalidate_tags(tags)
+            await send(message)
+
+        await self.app(scope, receive, send_invalidating)
+
+
+def _marked(send: Send) -> Send:
+    """``send`` adding ``X-Cache: MISS`` to the response start."""
+
+    async def send_marked(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = [*message.get("headers", ()), (b"x-cache", b"MISS")]
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return send_marked
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

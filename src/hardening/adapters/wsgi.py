@@ -1,4 +1,4 @@
-"""PEP 3333 middleware and apps: rate limits, metrics, error mapping, body limits, /metrics.
+"""PEP 3333 middleware and apps: rate limits, metrics, errors, body limits, caching, /metrics.
 
 The twins of :mod:`hardening.adapters.asgi`, with the same names, options and behaviour. Each
 middleware wraps ``start_response`` (accepting ``exc_info`` and returning ``write``), returns
@@ -28,6 +28,7 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 from hardening.adapters._http import (
     ROUTE_KEY,
     UNAUTHORIZED,
+    EnvironHeaders,
     HealthReport,
     PathMatcher,
     RateLimitPlan,
@@ -42,16 +43,21 @@ from hardening.adapters._http import (
     wsgi_request_info,
     wsgi_route,
 )
+from hardening.cache import Cache
+from hardening.cache.http import CachedResponse, ResponseCachePlan
 from hardening.errors import ConfigurationError, HardeningError, MalformedBody, PayloadTooLarge
 from hardening.ratelimit import RateLimiter, RequestInfo
 
 if TYPE_CHECKING:
     from hardening.adapters._http import CheckResult, Cost, HeaderList, Tier
+    from hardening.cache.http import TagsArg
+    from hardening.cache.policy import TTL
     from hardening.metrics import Metrics
     from hardening.ratelimit import KeyFunc, TrustedProxies
 
 __all__ = [
     "BodyLimitMiddleware",
+    "CacheMiddleware",
     "ErrorMiddleware",
     "MetricsMiddleware",
     "RateLimitMiddleware",
@@ -485,6 +491,214 @@ class BodyLimitMiddleware:
             return _respond(
                 start_response, error_response(exc), head=head, exc_info=started.exc_info(exc)
             )
+
+
+class _Capture:
+    """``start_response`` for a cacheable request: holds a storable response, passes others."""
+
+    __slots__ = ("expected", "headers", "passed", "plan", "start_response", "status", "written")
+
+    def __init__(self, start_response: StartResponse, plan: ResponseCachePlan) -> None:
+        self.start_response = start_response
+        self.plan = plan
+        self.status: str | None = None
+        self.headers: list[tuple[str, str]] = []
+        self.expected = 0
+        self.passed = False
+        self.written: list[bytes] = []
+
+    def __call__(
+        self, status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
+    ) -> Callable[[bytes], object]:
+        code = int(status[:3]) if status[:3].isdigit() else 0
+        length = None if exc_info is not None else self.plan.storable(code, headers)
+        if length is None or self.passed:
+            self.passed = True
+            self.status = None
+            return self.start_response(status, [*headers, ("X-Cache", "MISS")], exc_info)
+        self.status, self.headers, self.expected = status, headers, length
+        return self.written.append
+
+    def release(self) -> None:
+        """Send the held response start after all (the body broke its ``Content-Length``)."""
+        if self.status is not None and not self.passed:
+            self.passed = True
+            self.start_response(self.status, [*self.headers, ("X-Cache", "MISS")])
+
+
+class _Replay:
+    """The chunks already read, then the rest of the app's iterable; closes it."""
+
+    __slots__ = ("_head", "_iterator", "_result")
+
+    def __init__(self, head: list[bytes], iterator: Iterator[bytes], result: Iterable[bytes]):
+        self._head = head
+        self._iterator = iterator
+        self._result = result
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self._head
+        yield from self._iterator
+
+    def close(self) -> None:
+        close = getattr(self._result, "close", None)
+        if close is not None:
+            close()
+
+
+class CacheMiddleware:
+    """Cache whole ``GET`` responses in a :class:`~hardening.Cache`, with ``ETag``/``304``.
+
+    The twin of :class:`hardening.adapters.asgi.CacheMiddleware`, with the same options and
+    behaviour. A storable response (a 200 with a small ``Content-Length``, see there) is read
+    whole, closed, stored and returned as one chunk; any other response is returned as the
+    app's own iterable, untouched but for ``X-Cache: MISS``. An app that calls
+    ``start_response`` only when its iterable is first iterated is handled too.
+
+    Args:
+        app: the WSGI app.
+        cache: the :class:`~hardening.Cache` to store responses in.
+        ttl: how long responses are stored.
+        paths: path patterns whose responses are cached, or pattern to their tags.
+        tags: tags of every stored response.
+        vary: request headers that select different stored responses.
+        private_headers: credentials: requests carrying them bypass the cache.
+        invalidate_on: unsafe method and path patterns to the tags they invalidate.
+        max_body_bytes: the largest body stored.
+        max_age: the ``max-age`` sent to clients when the app sets no ``Cache-Control``.
+
+    Raises:
+        ConfigurationError: ``cache`` is not a ``Cache``, or an option is invalid.
+    """
+
+    def __init__(
+        self,
+        app: WSGIApp,
+        cache: Cache,
+        *,
+        ttl: TTL = 60.0,
+        paths: Iterable[str] | Mapping[str, TagsArg] = ("/**",),
+        tags: TagsArg | None = None,
+        vary: Iterable[str] = ("accept",),
+        private_headers: Iterable[str] = ("authorization", "cookie"),
+        invalidate_on: Mapping[str, TagsArg] | None = None,
+        max_body_bytes: int = 512 * 1024,
+        max_age: float | None = None,
+    ) -> None:
+        if not isinstance(cache, Cache):
+            raise ConfigurationError(
+                f"the WSGI CacheMiddleware needs a Cache, not {type(cache).__name__}"
+            )
+        self.app = app
+        self.cache = cache
+        self.plan = ResponseCachePlan.for_cache(
+            cache,
+            ttl=ttl,
+            paths=paths,
+            tags=tags,
+            vary=vary,
+            private_headers=private_headers,
+            invalidate_on=invalidate_on or {},
+            max_body_bytes=max_body_bytes,
+            max_age=max_age,
+        )
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        """Answer from the cache, or run the app and store its answer."""
+        method = environ.get("REQUEST_METHOD", "GET")
+        if method not in ("GET", "HEAD"):
+            return self._unsafe(environ, start_response, method)
+        path = wsgi_path(environ)
+        matched = self.plan.match(path)
+        headers = EnvironHeaders(environ)
+        if matched is None or self.plan.bypass(headers):
+            return self.app(environ, start_response)
+        key = self.plan.key(path, environ.get("QUERY_STRING", ""), headers)
+        entry = CachedResponse.from_json(self.cache.get(key))
+        if entry is not None:
+            response = self.plan.replay(
+                entry, headers.get("if-none-match"), self.cache.clock.time(), "HIT"
+            )
+            return _respond(start_response, response, head=method == "HEAD")
+        capture = _Capture(start_response, self.plan)
+        if method == "HEAD":
+            capture.passed = True
+            return self.app(environ, capture)
+        result = self.app(environ, capture)
+        iterator = iter(result)
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            while not capture.passed:
+                chunk = next(iterator, None)
+                if chunk is None:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+                if capture.status is not None and size > capture.expected:
+                    break
+        except BaseException:
+            _close(result)
+            raise
+        if (
+            capture.passed
+            or capture.status is None
+            or size + len(b"".join(capture.written)) != (capture.expected)
+        ):
+            capture.release()
+            return _Replay([*capture.written, *chunks], iterator, result)
+        _close(result)
+        return self._store(capture, b"".join([*capture.written, *chunks]), environ, key, matched)
+
+    def _store(
+        self,
+        capture: _Capture,
+        body: bytes,
+        environ: Environ,
+        key: str,
+        matched: tuple[Any, dict[str, str]],
+    ) -> list[bytes]:
+        plan = self.plan
+        status_line = capture.status or "200 OK"
+        entry = plan.store(200, capture.headers, body, self.cache.clock.time())
+        route, params = matched
+        self.cache.set(
+            key,
+            entry.to_json(),
+            ttl=plan.ttl,
+            tags=plan.tags(route, params, wsgi_request_info(environ)),
+        )
+        inm = environ.get("HTTP_IF_NONE_MATCH")
+        status, headers, out = plan.replay(entry, inm, entry.stored_at, "MISS")
+        line = status_line if status == 200 else _status_line(status)
+        capture.start_response(line, [(n.title(), v) for n, v in headers])
+        return [out]
+
+    def _unsafe(
+        self, environ: Environ, start_response: StartResponse, method: str
+    ) -> Iterable[bytes]:
+        tags = (
+            self.plan.invalidated(method, wsgi_path(environ), wsgi_request_info(environ))
+            if self.plan.invalidations
+            else []
+        )
+        if not tags:
+            return self.app(environ, start_response)
+
+        def start_invalidating(
+            status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
+        ) -> Callable[[bytes], object]:
+            if status[:3].isdigit() and int(status[:3]) < 400:
+                self.cache.invalidate_tags(tags)
+            return start_response(status, headers, exc_info)
+
+        return self.app(environ, start_invalidating)
+
+
+def _close(result: Iterable[bytes]) -> None:
+    close = getattr(result, "close", None)
+    if close is not None:
+        close()
 
 
 def metrics_app(

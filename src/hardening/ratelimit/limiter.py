@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, cast
 from typing_extensions import Self
 
 from hardening._clock import Clock, SystemClock, to_seconds
+from hardening._health import BackendHealth
 from hardening._redis import client_from_url, is_async_client, is_redis_url
 from hardening.errors import BackendUnavailable, ConfigurationError
 from hardening.ratelimit.policy import (
@@ -58,36 +59,6 @@ _BLOCK_CACHE_MAX = 10_000
 _REQUEST_CACHE_MAX = 4_096
 
 
-class _BackendHealth:
-    """Circuit breaker for the storage: after a failure, stay away with doubling backoff."""
-
-    def __init__(self, clock: Clock, initial: float = 0.5, cap: float = 30.0) -> None:
-        self._clock = clock
-        self._initial = initial
-        self._cap = cap
-        self._backoff = 0.0
-        self._retry_at = 0.0
-
-    def usable(self) -> bool:
-        return self._backoff == 0.0 or self._clock.monotonic() >= self._retry_at
-
-    def retry_in(self) -> float:
-        return max(self._retry_at - self._clock.monotonic(), self._initial)
-
-    def failed(self) -> bool:
-        """Record a failure; return whether the backend had been healthy until now."""
-        was_healthy = self._backoff == 0.0
-        self._backoff = min(self._cap, self._backoff * 2) if self._backoff else self._initial
-        self._retry_at = self._clock.monotonic() + self._backoff
-        return was_healthy
-
-    def succeeded(self) -> bool:
-        """Record a success; return whether the backend had been failing until now."""
-        recovered = self._backoff != 0.0
-        self._backoff = 0.0
-        return recovered
-
-
 class _LimiterBase:
     """Everything but I/O: configuration, keys, tiers, blocks, fallbacks, metrics."""
 
@@ -126,7 +97,7 @@ class _LimiterBase:
         self.name = name
         self._storage = self._make_storage(storage)
         self._owns_storage = True
-        self._health = _BackendHealth(self.clock)
+        self._health = BackendHealth(self.clock)
         self._fresh_state()
 
     def _fresh_state(self) -> None:

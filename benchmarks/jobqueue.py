@@ -4,7 +4,7 @@ One run, same machine, same Redis and PostgreSQL, one producer+worker process pe
 system in its own isolated namespace (Redis key prefix / database schema) cleaned up after.
 Each figure is N / (time to enqueue N jobs + time until the last one is processed).
 
-Usage: python benchmarks/queue.py [--n 20000] [--only ours,arq,...]
+Usage: python benchmarks/jobqueue.py [--n 20000] [--only ours,arq,...]
 Peers: pip install 'hardening[bench]' (arq, rq, procrastinate, saq).
 """
 
@@ -13,8 +13,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# Run as a script, this file's folder comes first on sys.path, and this file (queue.py) would
-# shadow the standard library's `queue` module: put the repository root there instead.
+# Run as a script, this file's folder comes first on sys.path: put the repository root there
+# instead, so `benchmarks.queue_noop` (which rq imports by name) resolves.
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
