@@ -445,6 +445,8 @@ def test_streaming_replica_read_your_writes(streaming_replica: StreamingPair) ->
             assert session.get(Note, 2) is None  # ...without the write it has not replayed
             assert session.get_bind(clause=sa.select(Note)) is standby
 
+        # the lag is only visible once the standby has received the WAL it is not replaying
+        _wait_until(lambda: _received_ahead(standby))
         lag_aware = routed_sessionmaker(primary, [standby], max_lag=0.0, clock=FakeClock())
         with lag_aware() as session:
             assert session.get(Note, 2) is not None  # the lagging standby is skipped
@@ -459,10 +461,19 @@ def test_streaming_replica_read_your_writes(streaming_replica: StreamingPair) ->
         primary.dispose()
 
 
-def _standby_has(standby: sa.Engine, note_id: int) -> bool:
+def _received_ahead(standby: sa.Engine) -> bool:
     with standby.connect() as conn:
-        query = sa.select(sa.func.count()).select_from(Note).where(Note.id == note_id)
+        query = sa.text("SELECT pg_last_wal_receive_lsn() > pg_last_wal_replay_lsn()")
         return bool(conn.execute(query).scalar_one())
+
+
+def _standby_has(standby: sa.Engine, note_id: int) -> bool:
+    query = sa.select(sa.func.count()).select_from(Note).where(Note.id == note_id)
+    try:
+        with standby.connect() as conn:
+            return bool(conn.execute(query).scalar_one())
+    except sa.exc.ProgrammingError:  # the CREATE TABLE itself is not replayed yet
+        return False
 
 
 def test_the_other_data_helpers_follow_the_routing(
