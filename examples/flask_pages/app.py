@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from flask import Flask, Response, jsonify, request
 from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
-from examples.pages_service.app import Identity
+from examples.pages_service.limits import build_limits
 from examples.pages_service.store import Page, PageStore, Settings, check_blocks, make_engine
 from hardening import (
     HardeningError,
@@ -36,7 +36,6 @@ from hardening import (
     if_match_version,
 )
 from hardening.adapters import (
-    RateLimitRule,
     parse_json_body,
     parse_patch_body,
     redis_check,
@@ -58,7 +57,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("pages_service")
 
 MAX_BODY = 2 * 1024 * 1024
-TIERS = {"free": 1, "pro": 5, "internal": None}  # multipliers of the save limit; None: unlimited
 EXTENSION = "pages"  # the key of the PagesService in ``app.extensions``
 
 
@@ -296,7 +294,6 @@ def create_app(
     metrics = metrics or Metrics()
     store = PageStore(engine, metrics=metrics)
     store.create_schema()
-    identity = Identity(dict(settings.api_tokens))
 
     redis_client: Any = None
     if settings.redis_url:
@@ -308,22 +305,7 @@ def create_app(
         )
         redis_client = redis.Redis.from_pool(pool)
     storage: object = redis_client if redis_client is not None else "memory://"
-    per_ip = RateLimiter(
-        settings.ip_limit,
-        storage=storage,
-        metrics=metrics,
-        name="per_ip",
-        key_prefix=settings.key_prefix,
-    )
-    saves = RateLimiter(
-        settings.save_limit,
-        storage=storage,
-        block_for=settings.save_block_for,
-        tiers=TIERS,
-        metrics=metrics,
-        name="saves",
-        key_prefix=f"{settings.key_prefix}:saves",
-    )
+    limits = build_limits(RateLimiter, settings, storage, metrics)
     checks: dict[str, Callable[[], object]] = {"database": sql_check(engine)}
     if redis_client is not None:
         checks["redis"] = redis_check(redis_client)
@@ -332,7 +314,12 @@ def create_app(
     app.register_error_handler(HardeningError, flask_error_handler)
     register_routes(app, store)
     service = PagesService(
-        settings, store, metrics, (per_ip, saves), redis_client, owns_engine=owns_engine
+        settings,
+        store,
+        metrics,
+        (limits.per_ip, limits.saves),
+        redis_client,
+        owns_engine=owns_engine,
     )
     app.extensions[EXTENSION] = service
 
@@ -344,15 +331,7 @@ def create_app(
         },
     )
     limited = RateLimitMiddleware(
-        cast("WSGIApp", mounted),
-        per_ip,
-        rules=[  # a save is a create, a patch or a full replace
-            RateLimitRule(pattern, saves, key=identity.user_key, tier=identity.tier)
-            for pattern in ("POST /pages", "PATCH,PUT /pages/*")
-        ],
-        bypass=settings.admin_token,
-        exempt_paths=["/metrics", "/healthz"],
-        trusted_proxies=settings.trusted_proxies,
+        cast("WSGIApp", mounted), limits.per_ip, **limits.middleware_options(settings)
     )
     observed = MetricsMiddleware(limited, metrics, exclude_paths=["/metrics"])
     app.wsgi_app = BodyLimitMiddleware(observed, max_bytes=MAX_BODY)  # type: ignore[method-assign]

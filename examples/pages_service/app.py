@@ -23,10 +23,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from examples.pages_service.limits import build_limits
 from examples.pages_service.store import Page, PageStore, Settings, check_blocks, make_engine
-from hardening import AsyncRateLimiter, MalformedBody, Metrics, RequestInfo, if_match_version
+from hardening import AsyncRateLimiter, MalformedBody, Metrics, if_match_version
 from hardening.adapters import (
-    RateLimitRule,
     parse_json_body,
     parse_patch_body,
     redis_check,
@@ -45,39 +45,6 @@ from hardening.adapters.asgi import (
 logger = logging.getLogger("pages_service")
 
 MAX_BODY = 2 * 1024 * 1024
-TIERS = {"free": 1, "pro": 5, "internal": None}  # multipliers of the save limit; None: unlimited
-
-
-class Identity:
-    """Who a request is: a bearer token from ``API_TOKENS``, else the ``X-User`` header.
-
-    ``X-User`` stands in for your real authentication; it decides only the save-limit key.
-    """
-
-    def __init__(self, tokens: dict[str, tuple[str, str]]) -> None:
-        self.tokens = tokens
-
-    def _token_entry(self, request: RequestInfo) -> tuple[str, str] | None:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        return self.tokens.get(token.strip()) if scheme.lower() == "bearer" else None
-
-    def user(self, request: RequestInfo) -> str | None:
-        """The user id, or ``None`` (the save limit then falls back to the client IP)."""
-        entry = self._token_entry(request)
-        if entry is not None:
-            return entry[0]
-        user = request.headers.get("x-user", "").strip()
-        return user[:64] or None
-
-    def user_key(self, request: RequestInfo) -> str | None:
-        """The save-limit key: ``user:<id>``."""
-        user = self.user(request)
-        return f"user:{user}" if user else None
-
-    def tier(self, request: RequestInfo) -> str:
-        """The tier of the caller's token; ``free`` without one."""
-        entry = self._token_entry(request)
-        return entry[1] if entry is not None else "free"
 
 
 def _page_response(page: Page, status: int = 200, **headers: str) -> JSONResponse:
@@ -199,7 +166,6 @@ def create_app(
     metrics = metrics or Metrics()
     store = PageStore(engine, metrics=metrics)
     worker = InProcessWorker(store) if settings.worker == "inprocess" else None
-    identity = Identity(dict(settings.api_tokens))
 
     redis_client: Any = None
     if settings.redis_url:
@@ -212,22 +178,7 @@ def create_app(
         )
         redis_client = redis.asyncio.Redis.from_pool(pool)
     storage: object = redis_client if redis_client is not None else "memory://"
-    per_ip = AsyncRateLimiter(
-        settings.ip_limit,
-        storage=storage,
-        metrics=metrics,
-        name="per_ip",
-        key_prefix=settings.key_prefix,
-    )
-    saves = AsyncRateLimiter(
-        settings.save_limit,
-        storage=storage,
-        block_for=settings.save_block_for,
-        tiers=TIERS,
-        metrics=metrics,
-        name="saves",
-        key_prefix=f"{settings.key_prefix}:saves",
-    )
+    limits = build_limits(AsyncRateLimiter, settings, storage, metrics)
 
     checks: dict[str, Any] = {"database": sql_check(engine)}
     if redis_client is not None:
@@ -260,17 +211,7 @@ def create_app(
     app.state.store = store
     app.state.metrics = metrics
 
-    limited = RateLimitMiddleware(
-        app,
-        per_ip,
-        rules=[  # a save is a create, a patch or a full replace
-            RateLimitRule(pattern, saves, key=identity.user_key, tier=identity.tier)
-            for pattern in ("POST /pages", "PATCH,PUT /pages/*")
-        ],
-        bypass=settings.admin_token,
-        exempt_paths=["/metrics", "/healthz"],
-        trusted_proxies=settings.trusted_proxies,
-    )
+    limited = RateLimitMiddleware(app, limits.per_ip, **limits.middleware_options(settings))
     observed = MetricsMiddleware(limited, metrics, exclude_paths=["/metrics"])
     return BodyLimitMiddleware(observed, max_bytes=MAX_BODY)
 
