@@ -287,20 +287,30 @@ class ErrorMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
+        await _answering(self.app, scope, receive, send, HardeningError)
 
-        async def send_watching(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
 
-        try:
-            await self.app(scope, receive, send_watching)
-        except HardeningError as exc:
-            if started:
-                raise
-            await _respond(send, error_response(exc), head=scope.get("method") == "HEAD")
+async def _answering(
+    app: ASGIApp, scope: Scope, receive: Receive, send: Send, errors: type[HardeningError]
+) -> None:
+    """Run ``app``; answer an error of type ``errors`` it raises before it started responding.
+
+    Once the response has started it can no longer be changed: the error propagates.
+    """
+    started = False
+
+    async def send_watching(message: Message) -> None:
+        nonlocal started
+        if message["type"] == "http.response.start":
+            started = True
+        await send(message)
+
+    try:
+        await app(scope, receive, send_watching)
+    except errors as exc:
+        if started:
+            raise
+        await _respond(send, error_response(exc), head=scope.get("method") == "HEAD")
 
 
 class BodyLimitMiddleware:
@@ -339,7 +349,6 @@ class BodyLimitMiddleware:
             await _respond(send, error_response(PayloadTooLarge(limit, declared)), head=head)
             return
         received = 0
-        started = False
 
         async def receive_bounded() -> Message:
             nonlocal received
@@ -350,18 +359,7 @@ class BodyLimitMiddleware:
                     raise PayloadTooLarge(limit, received)
             return message
 
-        async def send_watching(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, receive_bounded, send_watching)
-        except PayloadTooLarge as exc:
-            if started:
-                raise
-            await _respond(send, error_response(exc), head=head)
+        await _answering(self.app, scope, receive_bounded, send, PayloadTooLarge)
 
 
 def _raw_headers(headers: HeaderList) -> list[tuple[bytes, bytes]]:

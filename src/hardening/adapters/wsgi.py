@@ -135,6 +135,26 @@ class _Started:
         return (type(exc), exc, exc.__traceback__)
 
 
+def _answering(
+    app: WSGIApp, environ: Environ, start_response: StartResponse, errors: type[HardeningError]
+) -> Iterable[bytes]:
+    """Run ``app``; answer an error of type ``errors`` it raises.
+
+    A response the app had started is replaced through ``exc_info``, as PEP 3333 allows until
+    its headers are sent.
+    """
+    started = _Started(start_response)
+    try:
+        return app(environ, started)
+    except errors as exc:
+        return _respond(
+            start_response,
+            error_response(exc),
+            head=environ.get("REQUEST_METHOD") == "HEAD",
+            exc_info=started.exc_info(exc),
+        )
+
+
 class RateLimitMiddleware:
     """Rate-limit every HTTP request before the app sees it; 429 problem+json when denied.
 
@@ -382,16 +402,7 @@ class ErrorMiddleware:
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         """Run the app, mapping errors it raises."""
-        started = _Started(start_response)
-        try:
-            return self.app(environ, started)
-        except HardeningError as exc:
-            return _respond(
-                start_response,
-                error_response(exc),
-                head=environ.get("REQUEST_METHOD") == "HEAD",
-                exc_info=started.exc_info(exc),
-            )
+        return _answering(self.app, environ, start_response, HardeningError)
 
 
 def flask_error_handler(exc: HardeningError) -> tuple[bytes, int, list[tuple[str, str]]]:
@@ -484,13 +495,7 @@ class BodyLimitMiddleware:
             )
         if declared is None and "wsgi.input" in environ:
             environ["wsgi.input"] = _BoundedInput(environ["wsgi.input"], limit)
-        started = _Started(start_response)
-        try:
-            return self.app(environ, started)
-        except PayloadTooLarge as exc:
-            return _respond(
-                start_response, error_response(exc), head=head, exc_info=started.exc_info(exc)
-            )
+        return _answering(self.app, environ, start_response, PayloadTooLarge)
 
 
 class _Capture:
