@@ -36,8 +36,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
 
 from redis import Redis
 from slowapi import Limiter, _rate_limit_exceeded_handler
@@ -48,14 +46,9 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+from benchmarks._asgi import SCOPE, ASGIApp, Message, item, receive
 from hardening import AsyncRateLimiter
 from hardening.adapters.asgi import RateLimitMiddleware
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REDIS_URL = os.environ.get("HARDENING_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -78,10 +71,6 @@ VARIANTS = (
     "slowapi-memory-noheaders",
     "slowapi-redis-noheaders",
 )
-
-
-async def item(request: Request) -> Response:
-    return PlainTextResponse("ok")
 
 
 def build(variant: str) -> ASGIApp:
@@ -114,26 +103,6 @@ def build(variant: str) -> ASGIApp:
 
 
 # --- in process ----------------------------------------------------------------------------
-
-SCOPE: Scope = {
-    "type": "http",
-    "asgi": {"version": "3.0", "spec_version": "2.4"},
-    "http_version": "1.1",
-    "method": "GET",
-    "scheme": "http",
-    "path": "/items/42",
-    "raw_path": b"/items/42",
-    "root_path": "",
-    "query_string": b"",
-    "headers": [(b"host", b"testserver"), (b"user-agent", b"bench")],
-    "client": ("127.0.0.1", 50000),
-    "server": ("127.0.0.1", 8000),
-    "state": {},
-}
-
-
-async def receive() -> Message:
-    return {"type": "http.request", "body": b"", "more_body": False}
 
 
 class Sink:

@@ -1,9 +1,10 @@
 """Added cost of HTTP request metrics on a Starlette no-op route, ours against two peers.
 
-Run by hand on a quiet machine (``pip install -e '.[bench]'``, then
-``python benchmarks/metrics.py``); it takes well under a minute. Each app is the same Starlette
-app with one route ``/items/{item_id}``; requests are direct in-process ASGI calls (prebuilt
-scope, no-op receive/send) on one event loop, timed in batches, best batch kept. Variants:
+Run by hand on a quiet machine (``pip install -e '.[bench]'``, then ``python -m
+benchmarks.metrics`` from the repository root); it takes well under a minute. Each app is the
+same Starlette app with one route ``/items/{item_id}``; requests are direct in-process ASGI
+calls (prebuilt scope, no-op receive/send) on one event loop, timed in batches, best batch
+kept. Variants:
 
 - bare: no metrics;
 - hardening: ``hardening.adapters.asgi.MetricsMiddleware`` (status from
@@ -22,58 +23,24 @@ import asyncio
 import platform
 import sys
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
 
 from prometheus_client import REGISTRY
 from prometheus_fastapi_instrumentator import Instrumentator
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from starlette_exporter import PrometheusMiddleware
 
+from benchmarks._asgi import SCOPE, ASGIApp, Message, item, receive
 from hardening import Metrics
 from hardening.adapters.asgi import MetricsMiddleware
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 BATCH = 5_000
 ROUNDS = 15
 HANDLER_US = 1_000.0
 
 
-async def item(request: Request) -> Response:
-    return PlainTextResponse("ok")
-
-
 def starlette_app() -> Starlette:
     return Starlette(routes=[Route("/items/{item_id}", item)])
-
-
-SCOPE: Scope = {
-    "type": "http",
-    "asgi": {"version": "3.0", "spec_version": "2.4"},
-    "http_version": "1.1",
-    "method": "GET",
-    "scheme": "http",
-    "path": "/items/42",
-    "raw_path": b"/items/42",
-    "root_path": "",
-    "query_string": b"",
-    "headers": [(b"host", b"testserver"), (b"user-agent", b"bench")],
-    "client": ("127.0.0.1", 50000),
-    "server": ("127.0.0.1", 8000),
-    "state": {},
-}
-
-
-async def receive() -> Message:
-    return {"type": "http.request", "body": b"", "more_body": False}
 
 
 async def send(message: Message) -> None:
