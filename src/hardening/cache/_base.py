@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from hardening._clock import Clock, SystemClock, to_seconds
 from hardening._health import BackendHealth
-from hardening._redis import client_from_url, is_async_client, is_redis_url
+from hardening._storage import resolve_storage
 from hardening.cache.memory import MemoryCacheStorage
 from hardening.cache.policy import (
     TTL,
@@ -151,32 +151,22 @@ class _CacheBase:
         """The driver's own state (its single-flight table)."""
 
     def _make_storage(self, storage: object, max_entries: int, max_bytes: int | None) -> Any:
-        if isinstance(storage, str):
-            if storage == "memory://":
-                return MemoryCacheStorage(
-                    max_entries=max_entries, max_bytes=max_bytes, clock=self.clock
-                )
-            if is_redis_url(storage):
-                client = client_from_url(storage, asyncio=self._is_async)
-                if self._is_async:
-                    return AsyncRedisCacheStorage(client, owns_client=True)
-                return RedisCacheStorage(client, owns_client=True)
-            raise ConfigurationError(f"unsupported cache storage URL {storage!r}")
-        if isinstance(storage, MemoryCacheStorage):
-            return storage
-        if hasattr(storage, "register_script"):  # a redis-py client
-            if is_async_client(storage) != self._is_async:
-                kind = "redis.asyncio" if self._is_async else "blocking redis"
-                raise ConfigurationError(f"{type(self).__name__} needs a {kind} client")
-            if self._is_async:
-                return AsyncRedisCacheStorage(storage)
-            return RedisCacheStorage(storage)
-        wanted = AsyncCacheStorage if self._is_async else CacheStorage
-        if isinstance(storage, wanted) and (
-            inspect.iscoroutinefunction(storage.get) == self._is_async
-        ):
-            return storage
-        raise ConfigurationError(f"not a cache storage for {type(self).__name__}: {storage!r}")
+        is_async = self._is_async
+        return resolve_storage(
+            storage,
+            owner=type(self).__name__,
+            is_async=is_async,
+            kind="cache",
+            memory=lambda: MemoryCacheStorage(
+                max_entries=max_entries, max_bytes=max_bytes, clock=self.clock
+            ),
+            memory_type=MemoryCacheStorage,
+            redis=lambda client, owns: (AsyncRedisCacheStorage if is_async else RedisCacheStorage)(
+                client, owns_client=owns
+            ),
+            protocol=AsyncCacheStorage if is_async else CacheStorage,
+            method="get",
+        )
 
     def __repr__(self) -> str:
         storage = type(self._storage).__name__

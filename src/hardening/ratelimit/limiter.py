@@ -18,7 +18,7 @@ from typing_extensions import Self
 
 from hardening._clock import Clock, SystemClock, to_seconds
 from hardening._health import BackendHealth
-from hardening._redis import client_from_url, is_async_client, is_redis_url
+from hardening._storage import resolve_storage
 from hardening.errors import BackendUnavailable, ConfigurationError
 from hardening.ratelimit.policy import (
     STRATEGIES,
@@ -145,32 +145,20 @@ class _LimiterBase:
         return clone
 
     def _make_storage(self, storage: object) -> Any:
-        if isinstance(storage, str):
-            if storage == "memory://":
-                return MemoryRateLimitStorage(clock=self.clock)
-            if is_redis_url(storage):
-                client = client_from_url(storage, asyncio=self._is_async)
-                if self._is_async:
-                    return AsyncRedisRateLimitStorage(client, owns_client=True)
-                return RedisRateLimitStorage(client, owns_client=True)
-            raise ConfigurationError(f"unsupported rate-limit storage URL {storage!r}")
-        if isinstance(storage, MemoryRateLimitStorage):
-            return storage
-        wanted = AsyncRateLimitStorage if self._is_async else RateLimitStorage
-        if hasattr(storage, "register_script"):  # a redis-py client
-            if is_async_client(storage) != self._is_async:
-                kind = "redis.asyncio" if self._is_async else "blocking redis"
-                raise ConfigurationError(f"{type(self).__name__} needs a {kind} client")
-            return (
-                AsyncRedisRateLimitStorage(storage)
-                if self._is_async
-                else RedisRateLimitStorage(storage)
-            )
-        if isinstance(storage, wanted) and (
-            inspect.iscoroutinefunction(storage.hit) == self._is_async
-        ):
-            return storage
-        raise ConfigurationError(f"not a rate-limit storage for {type(self).__name__}: {storage!r}")
+        is_async = self._is_async
+        return resolve_storage(
+            storage,
+            owner=type(self).__name__,
+            is_async=is_async,
+            kind="rate-limit",
+            memory=lambda: MemoryRateLimitStorage(clock=self.clock),
+            memory_type=MemoryRateLimitStorage,
+            redis=lambda client, owns: (
+                AsyncRedisRateLimitStorage if is_async else RedisRateLimitStorage
+            )(client, owns_client=owns),
+            protocol=AsyncRateLimitStorage if is_async else RateLimitStorage,
+            method="hit",
+        )
 
     # --- requests ----------------------------------------------------------------------
 
