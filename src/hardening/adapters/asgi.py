@@ -76,9 +76,7 @@ async def _respond(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [
-                (name.encode("latin-1"), value.encode("latin-1")) for name, value in headers
-            ],
+            "headers": _raw_headers(headers),
         }
     )
     await send({"type": "http.response.body", "body": b"" if head else body})
@@ -155,10 +153,10 @@ class RateLimitMiddleware:
         if scope["type"] != "http" or (plan.exempt and plan.exempt.matches(scope["path"])):
             await self.app(scope, receive, send)
             return
-        if await self._bypassed(scope):
+        request = asgi_request_info(scope)
+        if await self._bypassed(scope, request):
             await self.app(scope, receive, send)
             return
-        request = asgi_request_info(scope)
         decisions = []
         for limiter, key, cost, tier in plan.checks(request):
             decision = await limiter.hit(key, cost=cost, tier=tier)
@@ -171,7 +169,7 @@ class RateLimitMiddleware:
         if not extra:
             await self.app(scope, receive, send)
             return
-        raw = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in extra]
+        raw = _raw_headers(extra)
         names = {name for name, _ in raw}
 
         async def send_with_headers(message: Message) -> None:
@@ -184,14 +182,14 @@ class RateLimitMiddleware:
 
         await self.app(scope, receive, send_with_headers)
 
-    async def _bypassed(self, scope: Scope) -> bool:
+    async def _bypassed(self, scope: Scope, request: RequestInfo) -> bool:
         plan = self.plan
         if plan.bypass_token is not None:
             return plan.token_bypasses(
                 _header(scope, self._bypass_header), _header(scope, b"authorization")
             )
         if plan.bypass_func is not None:
-            result = plan.bypass_func(asgi_request_info(scope))
+            result = plan.bypass_func(request)
             if inspect.isawaitable(result):
                 result = await result
             return bool(result)

@@ -215,9 +215,9 @@ class RateLimitMiddleware:
         plan = self.plan
         if plan.exempt and plan.exempt.matches(wsgi_path(environ)):
             return self.app(environ, start_response)
-        if self._bypassed(environ):
-            return self.app(environ, start_response)
         request = wsgi_request_info(environ)
+        if self._bypassed(environ, request):
+            return self.app(environ, start_response)
         decisions = []
         for limiter, key, cost, tier in plan.checks(request):
             decision = limiter.hit(key, cost=cost, tier=tier)
@@ -243,14 +243,14 @@ class RateLimitMiddleware:
 
         return self.app(environ, start_with_headers)
 
-    def _bypassed(self, environ: Environ) -> bool:
+    def _bypassed(self, environ: Environ, request: RequestInfo) -> bool:
         plan = self.plan
         if plan.bypass_token is not None:
             return plan.token_bypasses(
                 environ.get(self._bypass_key), environ.get("HTTP_AUTHORIZATION")
             )
         if plan.bypass_func is not None:
-            return bool(plan.bypass_func(wsgi_request_info(environ)))
+            return bool(plan.bypass_func(request))
         return False
 
 
