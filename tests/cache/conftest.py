@@ -30,6 +30,20 @@ class Harness:
         return cache
 
 
+def wait_for_misses(cache: Cache, count: int, timeout: float = 10.0) -> None:
+    """Wait until ``count`` callers have missed (and so are joining the load in flight).
+
+    A fixed sleep raced on a loaded machine: a thread that had not yet missed when the load
+    ended started a load of its own.
+    """
+    deadline = time.monotonic() + timeout
+    while cache.stats().misses < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"only {cache.stats().misses} of {count} callers missed")
+        time.sleep(0.005)
+    time.sleep(0.05)  # from the miss to the in-process flight is a few statements, no I/O
+
+
 def _cleanup(client: Any, prefix: str) -> None:
     keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
     for key in keys:

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hardening import ConfigurationError, Metrics, ValueTooLarge
-from tests.cache.conftest import Harness
+from tests.cache.conftest import Harness, wait_for_misses
 
 
 def _expire(harness: Harness, seconds: float) -> None:
@@ -267,7 +267,7 @@ def test_hundred_threads_one_load(harness: Harness) -> None:
     threads = [threading.Thread(target=call) for _ in range(100)]
     for thread in threads:
         thread.start()
-    time.sleep(0.2)  # let the 99 others find the load in flight
+    wait_for_misses(cache, 100)  # the 99 others find the load in flight
     gate.set()
     for thread in threads:
         thread.join(10)
@@ -298,7 +298,7 @@ def test_loader_error_reaches_every_waiter(harness: Harness) -> None:
     threads = [threading.Thread(target=call) for _ in range(10)]
     for thread in threads:
         thread.start()
-    time.sleep(0.1)
+    wait_for_misses(cache, 10)
     gate.set()
     for thread in threads:
         thread.join(10)

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from hardening import BackendUnavailable, Cache, ConfigurationError, FakeClock, Metrics
+from tests.cache.conftest import wait_for_misses
 from tests.cache.stampede_worker import stampede
 from tests.conftest import RedisServer
 
@@ -208,7 +209,7 @@ def test_redis_stopped_while_threads_wait(dying_redis: RedisServer) -> None:
     ]
     for thread in threads:
         thread.start()
-    time.sleep(0.1)
+    wait_for_misses(cache, 10)
     dying_redis.kill()
     gate.set()
     for thread in threads:
