@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from sqlalchemy import Engine
     from sqlalchemy.ext.asyncio import AsyncEngine
 
+    from tests.faultproxy import FaultProxy
+
 REDIS_URL = os.environ.get("HARDENING_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_URL = os.environ.get(
     "HARDENING_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -405,3 +407,53 @@ def sql_engine(request: pytest.FixtureRequest) -> Engine:
     name = "sqlite_engine" if request.param == "sqlite" else "pg_engine"
     engine: Engine = request.getfixturevalue(name)
     return engine
+
+
+# --- fault injection on the network (tests/faultproxy.py) -----------------------------------
+
+
+@pytest.fixture
+def fault_proxy() -> Iterator[Callable[[str, int], FaultProxy]]:
+    """Start fault-injecting TCP proxies (``fault_proxy(host, port)``); all closed afterwards."""
+    from tests.faultproxy import FaultProxy
+
+    proxies: list[FaultProxy] = []
+
+    def start(host: str, port: int) -> FaultProxy:
+        proxy = FaultProxy(host, port)
+        proxies.append(proxy)
+        return proxy
+
+    try:
+        yield start
+    finally:
+        for proxy in proxies:
+            proxy.close()
+
+
+@pytest.fixture
+def redis_proxy(redis_url: str, fault_proxy: Callable[[str, int], FaultProxy]) -> FaultProxy:
+    """A :class:`~tests.faultproxy.FaultProxy` in front of the real Redis (``redis_url``).
+
+    Connect through ``redis_proxy.redis_url()``; keys written there land in the real Redis.
+    """
+    from urllib.parse import urlsplit
+
+    url = urlsplit(redis_url)
+    if url.scheme != "redis" or not url.hostname:
+        pytest.skip(f"redis_proxy needs a plain TCP redis:// URL, not {redis_url}")
+    return fault_proxy(url.hostname, url.port or 6379)
+
+
+@pytest.fixture
+def postgres_proxy(postgres_url: str, fault_proxy: Callable[[str, int], FaultProxy]) -> FaultProxy:
+    """A :class:`~tests.faultproxy.FaultProxy` in front of the real PostgreSQL (``postgres_url``).
+
+    Connect through ``postgres_proxy.postgres_url(postgres_url)``.
+    """
+    from sqlalchemy.engine import make_url
+
+    url = make_url(postgres_url)
+    if not url.host or "," in url.host:
+        pytest.skip(f"postgres_proxy needs a single TCP host in the URL, not {postgres_url}")
+    return fault_proxy(url.host, url.port or 5432)

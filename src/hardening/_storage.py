@@ -7,14 +7,29 @@ async driver the asyncio ones.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import logging
 from collections.abc import Callable
 from typing import Any
 
-from hardening._redis import client_from_url, is_async_client, is_redis_url
+from hardening._redis import client_from_url, is_async_client, is_redis_url, pool_warning
 from hardening.errors import ConfigurationError
 
-__all__ = ["resolve_storage"]
+__all__ = ["resolve_storage", "warn_about_pool"]
+
+logger = logging.getLogger("hardening")
+
+
+def warn_about_pool(client: object, owner: str) -> None:
+    """Log once per client when its pool would fail callers at once instead of waiting."""
+    if getattr(client, "_hardening_pool_checked", False):
+        return
+    warning = pool_warning(client)
+    if warning is not None:
+        logger.warning("%s: %s", owner, warning)
+    with contextlib.suppress(AttributeError):  # __slots__: warn again next time, harmless
+        client._hardening_pool_checked = True  # type: ignore[attr-defined]
 
 
 def resolve_storage(
@@ -60,6 +75,7 @@ def resolve_storage(
         if is_async_client(storage) != is_async:
             client = "redis.asyncio" if is_async else "blocking redis"
             raise ConfigurationError(f"{owner} needs a {client} client")
+        warn_about_pool(storage, owner)
         return redis(storage, False)
     if isinstance(storage, protocol) and (
         inspect.iscoroutinefunction(getattr(storage, method)) == is_async

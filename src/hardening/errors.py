@@ -118,19 +118,25 @@ class BackendUnavailable(HardeningError, ConnectionError):
     """A storage backend (Redis, a SQL database) failed or did not answer in time.
 
     Args:
-        backend: a short name of the backend, e.g. ``"redis"``.
+        backend: a short name of the backend, e.g. ``"redis"``, ``"sql"``.
         message: what went wrong.
+        retry_after: seconds until the backend is tried again (a circuit breaker's window),
+            when known; the adapters send it as ``Retry-After``.
 
     Attributes:
         backend: the backend's short name.
+        retry_after: seconds until the next attempt, or ``None``.
     """
 
     http_status = 503
     title = "Backend unavailable"
     _detail_fields: ClassVar[tuple[str, ...]] = ("backend",)
 
-    def __init__(self, backend: str, message: str = "") -> None:
+    def __init__(
+        self, backend: str, message: str = "", *, retry_after: float | None = None
+    ) -> None:
         self.backend = backend
+        self.retry_after = retry_after
         super().__init__(f"{backend} backend unavailable" + (f": {message}" if message else ""))
 
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
 from hardening._backoff import Backoff
 from hardening._imports import require
+from hardening._sql import sql_unavailable
 from hardening.errors import (
     ConfigurationError,
     ConflictError,
@@ -264,6 +265,7 @@ def _returning(executor: Any) -> bool:
     return bool(dialect.update_returning)
 
 
+@sql_unavailable
 def update_versioned(
     session: Session | sa.Connection,
     model: type[Any],
@@ -297,6 +299,8 @@ def update_versioned(
         ConflictError: the row is at another version (both versions attached).
         NotFoundError: the row does not exist.
         ConfigurationError: the model, key or values are not usable.
+        BackendUnavailable: the database could not be reached or timed out (the caller's
+            transaction is then the caller's to roll back).
     """
     plan = _Plan(model, pk, expected_version, values)
     if _returning(session):
@@ -311,6 +315,7 @@ def update_versioned(
     return int(new)
 
 
+@sql_unavailable
 async def update_versioned_async(
     session: Any,
     model: type[Any],
@@ -339,6 +344,8 @@ async def update_versioned_async(
         ConflictError: the row is at another version.
         NotFoundError: the row does not exist.
         ConfigurationError: the model, key or values are not usable.
+        BackendUnavailable: the database could not be reached or timed out (the caller's
+            transaction is then the caller's to roll back).
     """
     plan = _Plan(model, pk, expected_version, values)
     if _returning(session):

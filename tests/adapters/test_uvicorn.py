@@ -28,20 +28,27 @@ PROBLEM_JSON = "application/problem+json"
 
 
 class UvicornServer:
-    """``python -m uvicorn tests.adapters.uvicorn_app:app`` on a free loopback port."""
+    """``python -m uvicorn tests.adapters.uvicorn_app:app`` (or ``app``) on a loopback port."""
 
-    def __init__(self, http: str, log: Path) -> None:
+    def __init__(
+        self,
+        http: str,
+        log: Path,
+        *,
+        app: str = "tests.adapters.uvicorn_app:app",
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
-        env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+        env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"} | (env or {})
         self._log = log.open("wb")
         self.process = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
                 "uvicorn",
-                "tests.adapters.uvicorn_app:app",
+                app,
                 "--host",
                 "127.0.0.1",
                 "--port",

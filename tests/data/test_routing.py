@@ -288,6 +288,25 @@ def test_all_replicas_down_falls_back_to_the_primary(pair: tuple[sa.Engine, sa.E
     dead.dispose()
 
 
+def test_a_replica_whose_pool_stays_exhausted_is_skipped(
+    sqlite_engine: sa.Engine, tmp_path: Any
+) -> None:
+    """A replica whose pool timed out (every connection checked out) is marked down, skipped."""
+    replica = sa.create_engine(
+        f"sqlite:///{tmp_path / 'busy.db'}",
+        poolclass=sa.QueuePool,
+        pool_size=1,
+        max_overflow=0,
+        pool_timeout=0.1,
+    )
+    _seed(sqlite_engine, replica)
+    factory = routed_sessionmaker(sqlite_engine, [replica], clock=FakeClock())
+    with replica.connect(), factory() as session:  # holds the replica's only connection
+        assert _body(session) == "primary"
+    assert factory.kw["router"].healthy_replicas() == []
+    replica.dispose()
+
+
 @pytest.mark.postgres
 def test_a_replica_that_drops_connections_is_marked_down(
     postgres_url: str,

@@ -377,7 +377,7 @@ def test_with_limits_shares_storage_not_counters() -> None:
     base = RateLimiter("3/minute", clock=clock, tiers={"pro": 2, "team": "50/hour"})
     saves = base.with_limits("1/minute", name="PATCH /pages/*")
     assert saves._storage is base._storage
-    assert saves.key_prefix == "hardening:PATCH_/pages/*"
+    assert saves.key_prefix == "hardening:PATCH%20/pages/*"
     assert saves.hit("user:1").allowed
     assert not saves.hit("user:1").allowed
     assert base.hit("user:1").remaining == 2  # the base limiter's counter is untouched

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
 
 from hardening.errors import (
+    BackendUnavailable,
     ConfigurationError,
     HardeningError,
     MalformedBody,
@@ -98,6 +99,7 @@ def error_response(exc: HardeningError) -> tuple[int, HeaderList, bytes]:
     """The problem+json response for a ``hardening`` error, with the headers it implies.
 
     ``RateLimitExceeded`` brings its ``Retry-After`` and rate-limit headers,
+    ``BackendUnavailable`` a ``Retry-After`` when it knows its breaker's window,
     ``UnsupportedMediaType`` an ``Accept-Patch``. Server errors (5xx) show their title, not
     their message, which may name hosts or internals.
 
@@ -113,6 +115,8 @@ def error_response(exc: HardeningError) -> tuple[int, HeaderList, bytes]:
         headers.extend((name.lower(), value) for name, value in exc.headers.items())
         if not any(name == "retry-after" for name, _ in headers):
             headers.append(("retry-after", str(max(1, math.ceil(exc.retry_after)))))
+    elif isinstance(exc, BackendUnavailable) and exc.retry_after is not None:
+        headers.append(("retry-after", str(max(1, math.ceil(exc.retry_after)))))
     elif isinstance(exc, UnsupportedMediaType):
         headers.append(("accept-patch", ", ".join(exc.accept_patch)))
     detail = exc.title if status >= 500 else str(exc)

@@ -162,7 +162,7 @@ class RateLimitMiddleware:
             decision = await limiter.hit(key, cost=cost, tier=tier)
             if not decision.allowed:
                 head = scope.get("method") == "HEAD"
-                await _respond(send, error_response(decision.exceeded()), head=head)
+                await _respond(send, error_response(decision.refusal()), head=head)
                 return
             decisions.append(decision)
         extra = binding_headers(decisions) if self.headers else []

@@ -224,7 +224,7 @@ class RateLimitMiddleware:
             if not decision.allowed:
                 return _respond(
                     start_response,
-                    error_response(decision.exceeded()),
+                    error_response(decision.refusal()),
                     head=request.method == "HEAD",
                 )
             decisions.append(decision)

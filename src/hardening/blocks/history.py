@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from hardening._imports import require
+from hardening._sql import sql_unavailable
 from hardening.blocks.patch import (
     DEFAULT_LIMITS,
     PatchLimits,
@@ -453,14 +454,19 @@ class DocumentHistory(_HistoryBase):
         )
         self.engine = engine
 
+    @sql_unavailable
     def create_schema(self, engine: sa.Engine | None = None) -> None:
         """Create the three tables if they do not exist (tests, prototypes; else migrations).
 
         Args:
             engine: the engine to create them on (default: this history's).
+
+        Raises:
+            BackendUnavailable: the database could not be reached or timed out (503).
         """
         HistoryBase.metadata.create_all(self._engine(engine))
 
+    @sql_unavailable
     def create(self, doc_id: str, content: object, *, session: Executor | None = None) -> int:
         """Store a new document at version 1, with its first snapshot.
 
@@ -476,6 +482,7 @@ class DocumentHistory(_HistoryBase):
             ConflictError: a document with this id already exists.
             InvalidPatch: ``content`` is not JSON.
             PatchLimitExceeded: ``content`` exceeds ``limits``.
+            BackendUnavailable: the database could not be reached or timed out (503).
         """
         size = self._new_document(doc_id, content)
         with self._transaction(session) as db:
@@ -488,6 +495,7 @@ class DocumentHistory(_HistoryBase):
             db.execute(_insert_snapshot(doc_id, 1, content, size))
         return 1
 
+    @sql_unavailable
     def save(
         self,
         doc_id: str,
@@ -520,6 +528,7 @@ class DocumentHistory(_HistoryBase):
                 ``retries`` times (409).
             PatchConflict: the patch clashes with a concurrent edit (``"rebase"``; 409).
             PatchError: the patch is invalid, too large or does not apply (422/413/409).
+            BackendUnavailable: the database could not be reached or timed out (503).
         """
         doc_id = _check_id(doc_id)
         ops = self._incoming(patch, base_version)
@@ -549,6 +558,7 @@ class DocumentHistory(_HistoryBase):
         self._saved(save)
         return version
 
+    @sql_unavailable
     def load(
         self, doc_id: str, version: int | None = None, *, session: Executor | None = None
     ) -> DocumentVersion:
@@ -564,6 +574,7 @@ class DocumentHistory(_HistoryBase):
 
         Raises:
             NotFoundError: no such document, or that version is not (or no longer) kept.
+            BackendUnavailable: the database could not be reached or timed out (503).
         """
         doc_id = _check_id(doc_id)
         if version is not None and type(version) is not int:
@@ -577,6 +588,7 @@ class DocumentHistory(_HistoryBase):
             head = _head(db.execute(_select_head(doc_id)).first(), doc_id)
             return DocumentVersion(doc_id, head.version, head.content)
 
+    @sql_unavailable
     def versions(self, doc_id: str, *, session: Executor | None = None) -> list[int]:
         """The versions ``load`` can rebuild, oldest first.
 
@@ -589,6 +601,7 @@ class DocumentHistory(_HistoryBase):
 
         Raises:
             NotFoundError: no such document.
+            BackendUnavailable: the database could not be reached or timed out (503).
         """
         doc_id = _check_id(doc_id)
         with self._transaction(session) as db:
@@ -597,6 +610,7 @@ class DocumentHistory(_HistoryBase):
                 raise _not_found(doc_id)
             return list(range(db.execute(_select_oldest(doc_id)).scalar_one(), head + 1))
 
+    @sql_unavailable
     def compact(self, doc_id: str, *, keep: int, session: Executor | None = None) -> int:
         """Drop old patches and snapshots, keeping the ``keep`` latest versions rebuildable.
 
@@ -615,6 +629,7 @@ class DocumentHistory(_HistoryBase):
         Raises:
             NotFoundError: no such document.
             ConfigurationError: ``keep`` is not a positive int.
+            BackendUnavailable: the database could not be reached or timed out (503).
         """
         doc_id = _check_id(doc_id)
         with self._transaction(session) as db:
@@ -698,15 +713,20 @@ class AsyncDocumentHistory(_HistoryBase):
         )
         self.engine = engine
 
+    @sql_unavailable
     async def create_schema(self, engine: AsyncEngine | None = None) -> None:
         """Create the three tables if they do not exist.
 
         Args:
             engine: the engine to create them on (default: this history's).
+
+        Raises:
+            BackendUnavailable: the database could not be reached or timed out (503).
         """
         async with self._engine(engine).begin() as conn:
             await conn.run_sync(HistoryBase.metadata.create_all)
 
+    @sql_unavailable
     async def create(
         self,
         doc_id: str,
@@ -728,6 +748,7 @@ class AsyncDocumentHistory(_HistoryBase):
             ConflictError: a document with this id already exists.
             InvalidPatch: ``content`` is not JSON.
             PatchLimitExceeded: ``content`` exceeds ``limits``.
+            BackendUnavailable: the database could not be reached or timed out (503).
         """
         size = self._new_document(doc_id, content)
         async with self._transaction(session) as db:
@@ -740,6 +761,7 @@ class AsyncDocumentHistory(_HistoryBase):
             await db.execute(_insert_snapshot(doc_id, 1, content, size))
         return 1
 
+    @sql_unavailable
     async def save(
         self,
         doc_id: str,
@@ -765,6 +787,7 @@ class AsyncDocumentHistory(_HistoryBase):
                 race lost ``retries`` times.
             PatchConflict: the patch clashes with a concurrent edit.
             PatchError: the patch is invalid, too large or does not apply.
+            BackendUnavailable: the database could not be reached or timed out (503).
         """
         doc_id = _check_id(doc_id)
         ops = self._incoming(patch, base_version)
@@ -796,6 +819,7 @@ class AsyncDocumentHistory(_HistoryBase):
         self._saved(save)
         return version
 
+    @sql_unavailable
     async def load(
         self,
         doc_id: str,
@@ -815,6 +839,7 @@ class AsyncDocumentHistory(_HistoryBase):
 
         Raises:
             NotFoundError: no such document, or that version is not kept.
+            BackendUnavailable: the database could not be reached or timed out (503).
         """
         doc_id = _check_id(doc_id)
         if version is not None and type(version) is not int:
@@ -829,6 +854,7 @@ class AsyncDocumentHistory(_HistoryBase):
             head = _head((await db.execute(_select_head(doc_id))).first(), doc_id)
             return DocumentVersion(doc_id, head.version, head.content)
 
+    @sql_unavailable
     async def versions(
         self, doc_id: str, *, session: AsyncSession | AsyncConnection | None = None
     ) -> list[int]:
@@ -843,6 +869,7 @@ class AsyncDocumentHistory(_HistoryBase):
 
         Raises:
             NotFoundError: no such document.
+            BackendUnavailable: the database could not be reached or timed out (503).
         """
         doc_id = _check_id(doc_id)
         async with self._transaction(session) as db:
@@ -852,6 +879,7 @@ class AsyncDocumentHistory(_HistoryBase):
             oldest = (await db.execute(_select_oldest(doc_id))).scalar_one()
             return list(range(oldest, head + 1))
 
+    @sql_unavailable
     async def compact(
         self,
         doc_id: str,
@@ -872,6 +900,7 @@ class AsyncDocumentHistory(_HistoryBase):
         Raises:
             NotFoundError: no such document.
             ConfigurationError: ``keep`` is not a positive int.
+            BackendUnavailable: the database could not be reached or timed out (503).
         """
         doc_id = _check_id(doc_id)
         async with self._transaction(session) as db:

@@ -17,7 +17,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
 from hardening._clock import Clock, SystemClock, to_seconds
-from hardening._health import BackendHealth
+from hardening._health import Breaker, is_backend_failure
 from hardening._storage import resolve_storage
 from hardening.cache.memory import MemoryCacheStorage
 from hardening.cache.policy import (
@@ -139,7 +139,7 @@ class _CacheBase:
         self._poll = _poll_delays(self.lock_timeout)
         self._rng = random.Random()
         self._counts = _Counts()
-        self._health = BackendHealth(self.clock)
+        self._health = Breaker(self.clock)
         self._storage: Any = self._make_storage(storage, max_entries, max_bytes)
         self._owns_storage = isinstance(storage, str)
         # the memory storage computes only: the async driver calls it without awaiting
@@ -298,24 +298,44 @@ class _CacheBase:
 
     # --- backend failures ------------------------------------------------------------------
 
-    def _usable(self, operation: str) -> bool:
-        """Whether to call the storage now; counts a skipped call as an error."""
-        if self.on_backend_error == "raise" or self._health.usable():
-            return True
+    def _usable(self, operation: str) -> int | None:
+        """The breaker's ticket to call the storage now, or ``None`` (counted as an error).
+
+        In ``"raise"`` mode every call goes to the storage (the caller handles failures).
+        """
+        ticket = self._health.admit()
+        if ticket is not None or self.on_backend_error == "raise":
+            return ticket if ticket is not None else 0
         self._error(operation)
-        return False
+        return None
 
     def _error(self, operation: str) -> None:
         self._counts.errors += 1
         if self.metrics is not None:
             self.metrics.cache_error(self.name, operation)
 
-    def _failed(self, operation: str, exc: Exception) -> None:
-        """Count a failed storage call; raise it in ``"raise"`` mode, else log it once."""
+    def _failed(self, operation: str, exc: Exception, ticket: int | None = None) -> None:
+        """Count a failed storage call; raise it in ``"raise"`` mode, else log it.
+
+        A backend failure opens the shared breaker (logged once); a failure of this call's
+        own data (a key of the wrong type in Redis, a script error) fails the call alone.
+        """
         self._error(operation)
+        backend = is_backend_failure(exc)
+        if not backend:
+            self._health.abandon(ticket)
         if self.on_backend_error == "raise":
+            if backend:
+                self._health.failed(ticket)
             raise BackendUnavailable("cache storage", f"{operation}: {exc}") from exc
-        if self._health.failed():
+        if not backend:
+            logger.warning(
+                "cache storage refused %s for this call (%s: %s); the cache stays in use",
+                operation,
+                type(exc).__name__,
+                exc,
+            )
+        elif self._health.failed(ticket):
             logger.warning(
                 "cache storage failed on %s; reads miss and writes are skipped until it "
                 "answers again",

@@ -95,25 +95,27 @@ class Cache(_CacheBase):
     # --- storage calls with failure handling ------------------------------------------
 
     def _read(self, key_id: str) -> bytes | None:
-        if not self._usable("get"):
+        ticket = self._usable("get")
+        if ticket is None:
             return None
         storage: CacheStorage = self._storage
         try:
             raw = storage.get(self.base, key_id)
         except Exception as exc:
-            self._failed("get", exc)
+            self._failed("get", exc, ticket)
             return None
         self._ok()
         return raw
 
     def _store(self, writes: Sequence[Write], unlock: tuple[str, str] | None = None) -> None:
-        if not self._usable("set"):
+        ticket = self._usable("set")
+        if ticket is None:
             return
         storage: CacheStorage = self._storage
         try:
             storage.set_many(self.base, writes, unlock)
         except Exception as exc:
-            self._failed("set", exc)
+            self._failed("set", exc, ticket)
         else:
             self._ok()
 
@@ -122,7 +124,8 @@ class Cache(_CacheBase):
 
         A failing storage counts as taken: load now rather than wait.
         """
-        if not self._usable("lock"):
+        ticket = self._usable("lock")
+        if ticket is None:
             return True, MISSING
         storage: CacheStorage = self._storage
         try:
@@ -131,7 +134,7 @@ class Cache(_CacheBase):
             if raw is not None and value is MISSING:  # unreadable bytes: lock over them
                 taken, _ = storage.lock(self.base, key_id, token, self._lock_ms, read=False)
         except Exception as exc:
-            self._failed("lock", exc)
+            self._failed("lock", exc, ticket)
             return True, MISSING
         self._ok()
         return taken, value
@@ -186,12 +189,13 @@ class Cache(_CacheBase):
         keys = list(dict.fromkeys(keys))
         ids = [self.scheme.key_id(key) for key in keys]
         raws: list[bytes | None] = [None] * len(ids)
-        if ids and self._usable("get"):
+        ticket = self._usable("get") if ids else None
+        if ticket is not None:
             storage: CacheStorage = self._storage
             try:
                 raws = storage.get_many(self.base, ids)
             except Exception as exc:
-                self._failed("get", exc)
+                self._failed("get", exc, ticket)
             else:
                 self._ok()
         found = {}
@@ -264,13 +268,14 @@ class Cache(_CacheBase):
             BackendUnavailable: the storage failed and ``on_backend_error="raise"``.
         """
         key_id = self.scheme.key_id(key)
-        if not self._usable("delete"):
+        ticket = self._usable("delete")
+        if ticket is None:
             return False
         storage: CacheStorage = self._storage
         try:
             deleted = storage.delete(self.base, [key_id])
         except Exception as exc:
-            self._failed("delete", exc)
+            self._failed("delete", exc, ticket)
             return False
         self._ok()
         return deleted > 0
@@ -310,13 +315,14 @@ class Cache(_CacheBase):
         return self._invalidate("p", (self.scheme.prefix_id(prefix),))
 
     def _invalidate(self, kind: Any, ids: Sequence[str]) -> int:
-        if not ids or not self._usable("invalidate"):
+        ticket = self._usable("invalidate") if ids else None
+        if ticket is None:
             return 0
         storage: CacheStorage = self._storage
         try:
             deleted = storage.invalidate(self.base, kind, ids)
         except Exception as exc:
-            self._failed("invalidate", exc)
+            self._failed("invalidate", exc, ticket)
             return 0
         self._ok()
         return deleted
@@ -568,7 +574,8 @@ class AsyncCache(_CacheBase):
     # --- storage calls with failure handling ------------------------------------------
 
     async def _read(self, key_id: str) -> bytes | None:
-        if not self._usable("get"):
+        ticket = self._usable("get")
+        if ticket is None:
             return None
         try:
             if self._sync_storage:
@@ -577,22 +584,29 @@ class AsyncCache(_CacheBase):
                 storage: AsyncCacheStorage = self._storage
                 raw = await storage.get(self.base, key_id)
         except Exception as exc:
-            self._failed("get", exc)
+            self._failed("get", exc, ticket)
             return None
+        except BaseException:  # cancelled: free the breaker's probe, if this was it
+            self._health.abandon(ticket)
+            raise
         self._ok()
         return cast("bytes | None", raw)
 
     async def _call(self, operation: str, method: str, *args: Any) -> Any:
         """Call a storage method; ``MISSING`` when it failed or was skipped."""
-        if not self._usable(operation):
+        ticket = self._usable(operation)
+        if ticket is None:
             return MISSING
         try:
             result = getattr(self._storage, method)(self.base, *args)
             if not self._sync_storage:
                 result = await result
         except Exception as exc:
-            self._failed(operation, exc)
+            self._failed(operation, exc, ticket)
             return MISSING
+        except BaseException:
+            self._health.abandon(ticket)
+            raise
         self._ok()
         return result
 

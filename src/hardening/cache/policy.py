@@ -18,6 +18,7 @@ from types import MappingProxyType
 from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 from hardening._clock import to_seconds
+from hardening._redis import redis_key
 from hardening.errors import ConfigurationError
 
 __all__ = [
@@ -239,6 +240,10 @@ def encode_id(text: str) -> str:
     return f"{_READABLE.sub('', text[:64])[:48]}#{digest}"
 
 
+MAX_TAGS = 256
+"""The most tags one value may carry."""
+
+
 class KeyScheme:
     """Storage names of one cache: ``<prefix>:c:{<namespace>}:<kind>:<id>``.
 
@@ -269,7 +274,7 @@ class KeyScheme:
         self.key_prefix = key_prefix
         self.namespace = namespace
         self.max_prefix_depth = max_prefix_depth
-        self.base = f"{key_prefix}:c:{{{namespace or 'default'}}}:"
+        self.base = redis_key(f"{key_prefix}:c", namespace or "default") + ":"
 
     def key_id(self, key: str) -> str:
         """The id of a cache key (see :func:`encode_id`).
@@ -291,11 +296,14 @@ class KeyScheme:
         """The ids of ``tags`` (a string or an iterable of strings), without repeats.
 
         Raises:
-            ConfigurationError: a tag is not a non-empty string.
+            ConfigurationError: a tag is not a non-empty string, or more than
+                :data:`MAX_TAGS` tags (each is an index a write updates in one atomic step).
         """
         if tags is None:
             return ()
         listed = [tags] if isinstance(tags, str) else list(tags)  # type: ignore[call-overload]
+        if len(listed) > MAX_TAGS:
+            raise ConfigurationError(f"at most {MAX_TAGS} tags per value, not {len(listed)}")
         for tag in listed:
             if not isinstance(tag, str) or not tag:
                 raise ConfigurationError(f"tags are non-empty strings, not {tag!r}")

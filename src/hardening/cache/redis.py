@@ -1,28 +1,55 @@
 """Redis cache storages, blocking and asyncio: one command or one script per operation.
 
 A read is one ``GET`` (``MGET`` for many); a write is one ``EVALSHA`` of ``lua/set.lua``
-(values, tag and prefix indexes, and the release of the stampede lock, atomically, however
-many values); a delete one ``EVALSHA`` of ``lua/delete.lua``; an invalidation ``lua/
-invalidate.lua`` in batches of :data:`INVALIDATE_BATCH` members, touching only indexed keys.
+(values, tag and prefix indexes, and the release of the stampede lock, atomically); a delete
+one ``EVALSHA`` of ``lua/delete.lua``; an invalidation ``lua/invalidate.lua`` in batches of
+:data:`INVALIDATE_BATCH` members, touching only indexed keys. No step touches more than
+:data:`STEP_UNITS` keys: larger batches are split into several steps, each atomic.
 Every name carries the namespace's ``{hash tag}``, so all of this works on Redis Cluster.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from hardening._redis import read_lua
 
 if TYPE_CHECKING:
     from hardening.cache.storage import IndexKind, Write
 
-__all__ = ["INVALIDATE_BATCH", "AsyncRedisCacheStorage", "RedisCacheStorage"]
+__all__ = ["INVALIDATE_BATCH", "STEP_UNITS", "AsyncRedisCacheStorage", "RedisCacheStorage"]
+
+_T = TypeVar("_T")
 
 INVALIDATE_BATCH = 500
 """Members taken from each index per invalidation script call: bounds how long one call
 blocks Redis however many keys a tag has."""
+STEP_UNITS = 1_000
+"""The most keys one command or script call touches: batch calls are split into steps of
+at most this many (values plus the tag and prefix indexes they update), so no single step
+blocks Redis for long however large the batch (``set_many`` of 100,000 values is 100+ short
+scripts, each atomic, instead of one that blocks every other client for seconds)."""
+_INDEXES_PER_CALL = STEP_UNITS // INVALIDATE_BATCH
 _MAX_BATCHES = 100_000  # a safety net against an index refilled as fast as it is emptied
+
+
+def _chunks(items: Sequence[_T], size: int) -> Iterator[Sequence[_T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _write_steps(writes: Sequence[Write]) -> Iterator[Sequence[Write]]:
+    """``writes`` in consecutive steps of at most :data:`STEP_UNITS` keys touched each."""
+    start, units = 0, 0
+    for end, write in enumerate(writes):
+        cost = 2 + len(write.tags) + len(write.prefixes)  # the value, its tag list, indexes
+        if units and units + cost > STEP_UNITS:
+            yield writes[start:end]
+            start, units = end, 0
+        units += cost
+    if start < len(writes):
+        yield writes[start:]
 
 
 def _set_call(
@@ -82,39 +109,43 @@ class RedisCacheStorage:
         return value
 
     def get_many(self, base: str, key_ids: Sequence[str]) -> list[bytes | None]:
-        """One ``MGET``."""
-        if not key_ids:
-            return []
-        return list(self.client.mget([base + "k:" + key_id for key_id in key_ids]))
+        """One ``MGET`` per :data:`STEP_UNITS` keys."""
+        found: list[bytes | None] = []
+        for chunk in _chunks(key_ids, STEP_UNITS):
+            found += self.client.mget([base + "k:" + key_id for key_id in chunk])
+        return found
 
     def set_many(
         self, base: str, writes: Sequence[Write], unlock: tuple[str, str] | None = None
     ) -> None:
-        """One ``EVALSHA`` of ``set.lua``."""
-        if writes:
-            keys, args = _set_call(base, writes, unlock)
+        """One ``EVALSHA`` of ``set.lua`` per step (the lock is released by the last)."""
+        if not writes:
+            if unlock is not None:
+                self.unlock(base, *unlock)
+            return
+        steps = list(_write_steps(writes))
+        for n, step in enumerate(steps, 1):
+            keys, args = _set_call(base, step, unlock if n == len(steps) else None)
             self._set(keys=keys, args=args)
-        elif unlock is not None:
-            self.unlock(base, *unlock)
 
     def delete(self, base: str, key_ids: Sequence[str]) -> int:
-        """One ``EVALSHA`` of ``delete.lua``."""
-        if not key_ids:
-            return 0
-        keys = [base + "k:" + key_id for key_id in key_ids]
-        return int(self._delete(keys=keys, args=[base, *key_ids]))
+        """One ``EVALSHA`` of ``delete.lua`` per :data:`STEP_UNITS` keys."""
+        deleted = 0
+        for chunk in _chunks(key_ids, STEP_UNITS):
+            keys = [base + "k:" + key_id for key_id in chunk]
+            deleted += int(self._delete(keys=keys, args=[base, *chunk]))
+        return deleted
 
     def invalidate(self, base: str, kind: IndexKind, index_ids: Sequence[str]) -> int:
-        """``invalidate.lua`` until the indexes are empty (one call below 500 keys each)."""
-        if not index_ids:
-            return 0
-        keys, args = _invalidate_call(base, kind, index_ids)
+        """``invalidate.lua`` until the indexes are empty, 500 members of 2 indexes a call."""
         deleted = 0
-        for _ in range(_MAX_BATCHES):
-            done, left = self._invalidate(keys=keys, args=args)
-            deleted += int(done)
-            if not int(left):
-                break
+        for chunk in _chunks(index_ids, _INDEXES_PER_CALL):
+            keys, args = _invalidate_call(base, kind, chunk)
+            for _ in range(_MAX_BATCHES):
+                done, left = self._invalidate(keys=keys, args=args)
+                deleted += int(done)
+                if not int(left):
+                    break
         return deleted
 
     def lock(
@@ -155,39 +186,43 @@ class AsyncRedisCacheStorage:
         return value
 
     async def get_many(self, base: str, key_ids: Sequence[str]) -> list[bytes | None]:
-        """One ``MGET``."""
-        if not key_ids:
-            return []
-        return list(await self.client.mget([base + "k:" + key_id for key_id in key_ids]))
+        """One ``MGET`` per :data:`STEP_UNITS` keys."""
+        found: list[bytes | None] = []
+        for chunk in _chunks(key_ids, STEP_UNITS):
+            found += await self.client.mget([base + "k:" + key_id for key_id in chunk])
+        return found
 
     async def set_many(
         self, base: str, writes: Sequence[Write], unlock: tuple[str, str] | None = None
     ) -> None:
-        """One ``EVALSHA`` of ``set.lua``."""
-        if writes:
-            keys, args = _set_call(base, writes, unlock)
+        """One ``EVALSHA`` of ``set.lua`` per step (the lock is released by the last)."""
+        if not writes:
+            if unlock is not None:
+                await self.unlock(base, *unlock)
+            return
+        steps = list(_write_steps(writes))
+        for n, step in enumerate(steps, 1):
+            keys, args = _set_call(base, step, unlock if n == len(steps) else None)
             await self._set(keys=keys, args=args)
-        elif unlock is not None:
-            await self.unlock(base, *unlock)
 
     async def delete(self, base: str, key_ids: Sequence[str]) -> int:
-        """One ``EVALSHA`` of ``delete.lua``."""
-        if not key_ids:
-            return 0
-        keys = [base + "k:" + key_id for key_id in key_ids]
-        return int(await self._delete(keys=keys, args=[base, *key_ids]))
+        """One ``EVALSHA`` of ``delete.lua`` per :data:`STEP_UNITS` keys."""
+        deleted = 0
+        for chunk in _chunks(key_ids, STEP_UNITS):
+            keys = [base + "k:" + key_id for key_id in chunk]
+            deleted += int(await self._delete(keys=keys, args=[base, *chunk]))
+        return deleted
 
     async def invalidate(self, base: str, kind: IndexKind, index_ids: Sequence[str]) -> int:
-        """``invalidate.lua`` until the indexes are empty."""
-        if not index_ids:
-            return 0
-        keys, args = _invalidate_call(base, kind, index_ids)
+        """``invalidate.lua`` until the indexes are empty, 500 members of 2 indexes a call."""
         deleted = 0
-        for _ in range(_MAX_BATCHES):
-            done, left = await self._invalidate(keys=keys, args=args)
-            deleted += int(done)
-            if not int(left):
-                break
+        for chunk in _chunks(index_ids, _INDEXES_PER_CALL):
+            keys, args = _invalidate_call(base, kind, chunk)
+            for _ in range(_MAX_BATCHES):
+                done, left = await self._invalidate(keys=keys, args=args)
+                deleted += int(done)
+                if not int(left):
+                    break
         return deleted
 
     async def lock(

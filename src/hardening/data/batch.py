@@ -15,6 +15,7 @@ synchronous ``Connection``, and :func:`insert_batches_async` runs that same writ
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import itertools
 import time
@@ -25,6 +26,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Literal
 
 from hardening._imports import require
+from hardening._sql import map_outages, sql_unavailable
 from hardening.errors import ConfigurationError, RowRejected
 
 require("sqlalchemy", extra="sqlalchemy", feature="batched inserts")
@@ -298,7 +300,9 @@ class _Target:
     """The connection batches go through, and who commits: us per batch, or the caller.
 
     ``owned``: the transaction is ours (an engine was given), so ``"single"`` commits at the
-    end and a stop rolls everything back.
+    end and a stop rolls everything back. Its I/O methods, with :meth:`_Writer.batch`, are
+    where outages become ``BackendUnavailable``: the caller's rows and ``on_progress`` run
+    outside them, so an ``OSError`` of theirs is not taken for the database's.
     """
 
     def __init__(
@@ -315,6 +319,7 @@ class _Target:
         self.per_batch = (transaction or ("per_batch" if self.owned else "single")) == "per_batch"
         self._connection: sa.Connection | None = None
 
+    @sql_unavailable
     def connection(self) -> sa.Connection:
         if self._connection is None:
             if isinstance(self.target, sa.Engine):
@@ -326,6 +331,7 @@ class _Target:
             _begin_sqlite(self._connection)
         return self._connection
 
+    @sql_unavailable
     def commit(self) -> None:
         if isinstance(self.target, Session):
             self.target.commit()
@@ -334,6 +340,7 @@ class _Target:
             self._connection.commit()
             _begin_sqlite(self._connection)
 
+    @sql_unavailable
     def rollback(self) -> None:
         """Roll back what is not committed yet (only ever called on a transaction of ours)."""
         if isinstance(self.target, Session):
@@ -342,6 +349,7 @@ class _Target:
         elif self._connection is not None:
             self._connection.rollback()
 
+    @sql_unavailable
     def close(self) -> None:
         if isinstance(self.target, sa.Engine) and self._connection is not None:
             self._connection.close()  # rolls back whatever was not committed
@@ -377,6 +385,7 @@ class _Writer:
         self.stop_on_error = stop_on_error
         self.tally = _Tally()
 
+    @sql_unavailable
     def batch(self, rows: _Batch) -> None:
         """Write one validated batch (grouped by the columns each row sets)."""
         groups: dict[tuple[str, ...], _Batch] = {}
@@ -488,13 +497,17 @@ def _reason(exc: sa.exc.DBAPIError) -> str:
 
 
 def _as_sqlalchemy_error(exc: Exception) -> Exception:
-    """The integrity and data errors of psycopg (COPY bypasses SQLAlchemy) as SQLAlchemy's."""
+    """Psycopg's errors (COPY bypasses SQLAlchemy) as SQLAlchemy's, for isolation and outages."""
     import psycopg
 
     if isinstance(exc, psycopg.errors.IntegrityError):
         return sa.exc.IntegrityError("COPY", None, exc)
     if isinstance(exc, psycopg.errors.DataError):
         return sa.exc.DataError("COPY", None, exc)
+    if isinstance(exc, psycopg.errors.OperationalError):
+        return sa.exc.OperationalError("COPY", None, exc)
+    if isinstance(exc, psycopg.errors.InterfaceError):
+        return sa.exc.InterfaceError("COPY", None, exc)
     return exc
 
 
@@ -672,6 +685,8 @@ def insert_batches(
         RowRejected: ``stop_on_error`` and a row was refused (its index, reason and the report
             so far attached).
         ConfigurationError: bad options, or ``method="copy"`` where ``COPY`` cannot be used.
+        BackendUnavailable: the database could not be reached or timed out (with
+            ``"per_batch"``, the batches committed before stay committed).
     """
     return _run(
         _Target(target, transaction),
@@ -722,6 +737,7 @@ async def insert_batches_async(
     Raises:
         RowRejected: ``stop_on_error`` and a row was refused.
         ConfigurationError: bad options.
+        BackendUnavailable: the database could not be reached or timed out.
     """
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
@@ -741,7 +757,9 @@ async def insert_batches_async(
         )
 
     if isinstance(target, AsyncEngine):
-        async with target.connect() as connection:
+        async with contextlib.AsyncExitStack() as stack:
+            with map_outages:  # connecting; run() maps the outages of its own I/O
+                connection = await stack.enter_async_context(target.connect())
             return await connection.run_sync(run)
     if isinstance(target, (AsyncConnection, AsyncSession)):
         return await target.run_sync(run)

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Se
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from hardening._imports import require
+from hardening._sql import sql_unavailable
 from hardening.errors import ConfigurationError, NotFoundError
 
 if TYPE_CHECKING:
@@ -284,6 +285,8 @@ def sql_loader(
     Returns:
         The batch function, for :class:`DataLoader` (``DataLoader(sql_loader(s, User))``).
         Ids with no row are absent from its mapping (not found, or the loader's ``default``).
+        It raises :class:`~hardening.BackendUnavailable` when the database could not be
+        reached or timed out (every caller of that batch gets it).
 
     Raises:
         ConfigurationError: not a mapped class, a composite key without ``key=``.
@@ -291,6 +294,7 @@ def sql_loader(
     column, name = _key_column(model, key)
     from sqlalchemy.ext.asyncio import AsyncSession
 
+    @sql_unavailable
     async def batch(keys: list[Any]) -> dict[Any, M]:
         found: dict[Any, M] = {}
         for chunk in _chunks(keys):
@@ -313,6 +317,7 @@ def _in_order(ids: Sequence[Any], found: Mapping[Any, M]) -> list[M | None]:
     return [found.get(id_) for id_ in ids]
 
 
+@sql_unavailable
 def load_by_ids(
     session: Session,
     model: type[M],
@@ -333,6 +338,7 @@ def load_by_ids(
 
     Raises:
         ConfigurationError: not a mapped class, a composite key without ``key=``.
+        BackendUnavailable: the database could not be reached or timed out.
     """
     column, name = _key_column(model, key)
     wanted = list(ids)
@@ -344,6 +350,7 @@ def load_by_ids(
     return _in_order(wanted, found)
 
 
+@sql_unavailable
 async def load_by_ids_async(
     session: AsyncSession,
     model: type[M],
@@ -364,6 +371,7 @@ async def load_by_ids_async(
 
     Raises:
         ConfigurationError: not a mapped class, a composite key without ``key=``.
+        BackendUnavailable: the database could not be reached or timed out.
     """
     column, name = _key_column(model, key)
     wanted = list(ids)

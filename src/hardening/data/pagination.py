@@ -18,6 +18,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from hardening._imports import require
+from hardening._sql import sql_unavailable
 from hardening.data._cursor import CursorCodec, fingerprint
 from hardening.errors import ConfigurationError
 
@@ -304,6 +305,7 @@ def _beyond(terms: Sequence[_Term], values: Sequence[object]) -> sa.ColumnElemen
     return expanded
 
 
+@sql_unavailable
 def paginate(
     session: Session | sa.Connection,
     statement: AnySelect,
@@ -345,6 +347,8 @@ def paginate(
         InvalidCursor: the cursor is malformed, altered, made for another ordering or expired.
         ConfigurationError: no secret, a bad ``limit``, a nullable column without a NULLs
             position, or a statement that already orders or limits itself.
+        BackendUnavailable: the database could not be reached or timed out (errors of the
+            statement itself, such as a missing table, propagate unchanged).
     """
     codec = CursorCodec(secret, max_age=max_age, clock=clock)
     plan = _Keyset(
@@ -359,6 +363,7 @@ def paginate(
     return plan.page(session.execute(plan.query()))
 
 
+@sql_unavailable
 async def paginate_async(
     session: AsyncSession | AsyncConnection,
     statement: AnySelect,
@@ -392,6 +397,7 @@ async def paginate_async(
     Raises:
         InvalidCursor: the cursor is malformed, altered, made for another ordering or expired.
         ConfigurationError: bad options.
+        BackendUnavailable: the database could not be reached or timed out.
     """
     codec = CursorCodec(secret, max_age=max_age, clock=clock)
     plan = _Keyset(

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from hardening._backoff import Backoff
 from hardening._clock import SystemClock, to_seconds
 from hardening._imports import require
+from hardening._sql import unavailable_from
 from hardening.errors import ConfigurationError
 
 require("sqlalchemy", extra="sqlalchemy", feature="replica routing")
@@ -54,7 +55,6 @@ PRIMARY = "hardening_primary"
 """Execution option sending a ``SELECT`` to the primary (it must see the latest writes)."""
 
 _DEFAULT_BACKOFF = Backoff(base=1.0, factor=2.0, cap=30.0, jitter=False)
-_CONNECT_ERRORS = (sa.exc.DBAPIError, OSError)
 _LAG_SQL = sa.text(
     "SELECT CASE WHEN NOT pg_is_in_recovery() THEN 0"
     " WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0"
@@ -269,7 +269,10 @@ class ReplicaRouter:
             try:
                 with engine.connect() as conn:
                     lag = float(conn.execute(_LAG_SQL).scalar_one())
-            except _CONNECT_ERRORS:
+            except Exception as exc:
+                # down for the same outages every SQL primitive answers 503 for; others are bugs
+                if unavailable_from(exc) is None:
+                    raise
                 self.mark_down(engine)
                 continue
             health.lagging = self.max_lag is not None and lag > self.max_lag
@@ -293,7 +296,8 @@ class RoutedSession(Session):
     without arguments, and everything after any of these in the same transaction; reads within
     ``sticky_for`` of a committed write (by this session, or under the same ``sticky_key``).
     Other reads go to one healthy replica, the same for the whole transaction; a replica that
-    cannot be connected to is marked down and the next one (finally the primary) is used.
+    cannot be connected to (refused, timed out, its pool exhausted: the outages every SQL
+    primitive answers 503 for) is marked down and the next one (finally the primary) is used.
 
     Args:
         bind: the primary (set by the factory).
@@ -380,7 +384,9 @@ class RoutedSession(Session):
         for engine in router.replicas_to_try():
             try:
                 super().connection(bind_arguments={"bind": engine})
-            except _CONNECT_ERRORS:
+            except Exception as exc:
+                if unavailable_from(exc) is None:
+                    raise
                 router.mark_down(engine)
                 continue
             router.mark_up(engine)

@@ -5,10 +5,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import hashlib
 import inspect
 import logging
-import re
 import threading
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
@@ -17,7 +15,8 @@ from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, cast
 from typing_extensions import Self
 
 from hardening._clock import Clock, SystemClock, to_seconds
-from hardening._health import BackendHealth
+from hardening._health import Breaker, is_backend_failure
+from hardening._redis import check_key_prefix, escape_prefix_part, redis_key
 from hardening._storage import resolve_storage
 from hardening.errors import BackendUnavailable, ConfigurationError
 from hardening.ratelimit.policy import (
@@ -53,8 +52,6 @@ P = ParamSpec("P")
 R = TypeVar("R")
 KeyArg = str | Callable[..., str]
 
-_PREFIX_UNSAFE = re.compile(r"[^A-Za-z0-9_.:/*-]")  # braces would move Redis Cluster hash tags
-_MAX_KEY_CHARS = 200  # longer keys are hashed: bounded Redis key size whatever the input
 _BLOCK_CACHE_MAX = 10_000
 _REQUEST_CACHE_MAX = 4_096
 
@@ -91,13 +88,14 @@ class _LimiterBase:
         self._code = STRATEGIES[strategy]
         self.block_for = 0.0 if block_for is None else to_seconds(block_for, name="block_for")
         self.on_backend_error: BackendErrorMode = on_backend_error
-        self.key_prefix = key_prefix
+        self.key_prefix = check_key_prefix(key_prefix)
+        self._rl_prefix = f"{key_prefix}:rl"
         self.clock: Clock = clock or SystemClock()
         self.metrics = metrics
         self.name = name
         self._storage = self._make_storage(storage)
         self._owns_storage = True
-        self._health = BackendHealth(self.clock)
+        self._health = Breaker(self.clock)
         self._fresh_state()
 
     def _fresh_state(self) -> None:
@@ -139,7 +137,8 @@ class _LimiterBase:
         }
         clone.tiers = parse_tiers(clone._tier_specs, clone.limits)
         clone.name = name
-        clone.key_prefix = f"{self.key_prefix}:{_PREFIX_UNSAFE.sub('_', name)}"
+        clone.key_prefix = f"{self.key_prefix}:{escape_prefix_part(name)}"
+        clone._rl_prefix = f"{clone.key_prefix}:rl"
         clone._owns_storage = False
         clone._fresh_state()
         return clone
@@ -169,16 +168,17 @@ class _LimiterBase:
             key: the principal (a user id, an IP, ``"global"``...).
 
         Returns:
-            ``<prefix>:rl:{<key>}``; keys over 200 characters are replaced by their SHA-256.
+            ``<prefix>:rl:{<tag>}`` where the tag is ``key`` escaped by the shared key
+            builder: braces, ``%`` and non-printable or non-ASCII characters are
+            percent-encoded and keys over 200 characters replaced by their SHA-256, so no key
+            can move another's hash slot, collide with it, or fail to encode.
 
         Raises:
             ConfigurationError: ``key`` is not a string.
         """
         if not isinstance(key, str):
             raise ConfigurationError(f"rate-limit key must be a string, not {type(key).__name__}")
-        if len(key) > _MAX_KEY_CHARS:
-            key = "sha256:" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
-        return f"{self.key_prefix}:rl:{{{key}}}"
+        return redis_key(self._rl_prefix, key)
 
     def limits_for(self, tier: str | None) -> tuple[RateLimit, ...] | None:
         """The limits that apply to ``tier`` (``None``: unlimited). Unknown tiers get the base."""
@@ -216,11 +216,11 @@ class _LimiterBase:
 
     def _begin(
         self, key: str, cost: int, tier: str | None, peek: bool
-    ) -> tuple[HitRequest, RateLimitDecision | None]:
-        """Everything before the storage call: the request, or a decision made without I/O.
+    ) -> tuple[HitRequest, RateLimitDecision | int]:
+        """Everything before the storage call: the request, and a decision or a ticket.
 
-        Such decisions: an unlimited tier, a key blocked in process, or a storage backing off
-        after a failure.
+        The decision is one made without I/O; otherwise the breaker's ticket for the call.
+        Such decisions: an unlimited tier, a key blocked in process, or an open breaker.
         """
         request = self._request(key, cost, tier, peek)
         if request is None:
@@ -228,9 +228,10 @@ class _LimiterBase:
         cached = self._cached_block(key, request)
         if cached is not None:
             return request, cached
-        if not self._health.usable():
+        ticket = self._health.admit()
+        if ticket is None:
             return request, self._fallback(key, request)
-        return request, None
+        return request, ticket
 
     # --- outcomes ----------------------------------------------------------------------
 
@@ -278,13 +279,27 @@ class _LimiterBase:
             self.metrics.rate_limit_decision(self.name, outcome)
         return decision
 
-    def _backend_failed(self, exc: BaseException | None) -> None:
-        if exc is not None and self._health.failed():
+    def _failed(
+        self, key: str, request: HitRequest, ticket: int, exc: Exception
+    ) -> RateLimitDecision:
+        """A storage call failed: open the breaker if the backend did; answer by policy."""
+        if is_backend_failure(exc):
+            if self._health.failed(ticket):
+                logger.warning(
+                    "rate-limit storage failed; on_backend_error=%r until it answers again",
+                    self.on_backend_error,
+                    exc_info=exc,
+                )
+        else:  # this request's own keys or arguments: it alone fails
+            self._health.abandon(ticket)
             logger.warning(
-                "rate-limit storage failed; on_backend_error=%r until it answers again",
+                "rate-limit storage refused the hit for one key (%s: %s); "
+                "on_backend_error=%r for this request only",
+                type(exc).__name__,
+                exc,
                 self.on_backend_error,
-                exc_info=exc,
             )
+        return self._fallback(key, request)
 
     def _backend_ok(self) -> None:
         if self._health.succeeded():
@@ -343,8 +358,11 @@ class RateLimiter(_LimiterBase):
         block_for: seconds (or a timedelta) a key stays blocked once it exceeds a limit.
             Blocked keys are also remembered in process, so they cost no round trip.
         on_backend_error: when the storage fails: ``"allow"`` (fail open, the default),
-            ``"deny"`` (fail closed) or ``"local"`` (an in-process limiter until the storage
-            answers again, re-probed with backoff from 0.5 s to 30 s). Never raises.
+            ``"deny"`` (fail closed; the adapters answer 503 with ``Retry-After``, not 429) or
+            ``"local"`` (an in-process limiter until the storage answers again). After a
+            backend failure the shared breaker sends one probe per window (0.5 s doubling to
+            30 s per failed probe); a busy connection pool makes callers wait (it is not a
+            failure), and an error caused by one key alone fails only that hit. Never raises.
         key_prefix: prefix of every storage key.
         clock: the clock for the memory storage and the block cache.
         tiers: tier name to a multiplier of ``limits``, explicit limits, or ``None`` /
@@ -385,15 +403,17 @@ class RateLimiter(_LimiterBase):
         return self._check(key, 1, tier, peek=True)
 
     def _check(self, key: str, cost: int, tier: str | None, *, peek: bool) -> RateLimitDecision:
-        request, early = self._begin(key, cost, tier, peek)
-        if early is not None:
-            return early
+        request, ticket = self._begin(key, cost, tier, peek)
+        if not isinstance(ticket, int):
+            return ticket
         storage: RateLimitStorage = self._storage
         try:
             result = storage.hit(request)
         except Exception as exc:  # any storage failure is handled by on_backend_error
-            self._backend_failed(exc)
-            return self._fallback(key, request)
+            return self._failed(key, request, ticket, exc)
+        except BaseException:
+            self._health.abandon(ticket)
+            raise
         self._backend_ok()
         return self._finish(key, request, result)
 
@@ -438,7 +458,9 @@ class RateLimiter(_LimiterBase):
 
         Returns:
             The decorator. A denied call raises :class:`~hardening.RateLimitExceeded` carrying
-            the decision, ``retry_after`` and the headers.
+            the decision, ``retry_after`` and the headers; a call denied because the storage
+            failed (``on_backend_error="deny"``) raises :class:`~hardening.BackendUnavailable`
+            (HTTP 503) with the breaker's ``retry_after``.
         """
 
         def decorate(func: Callable[P, R]) -> Callable[P, R]:
@@ -449,7 +471,7 @@ class RateLimiter(_LimiterBase):
                 async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
                     decision = self.hit(self._key_of(key, args, kwargs), cost=cost, tier=tier)
                     if not decision.allowed:
-                        raise decision.exceeded()
+                        raise decision.refusal()
                     return await afunc(*args, **kwargs)
 
                 return cast(Callable[P, R], async_wrapper)
@@ -458,7 +480,7 @@ class RateLimiter(_LimiterBase):
             def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
                 decision = self.hit(self._key_of(key, args, kwargs), cost=cost, tier=tier)
                 if not decision.allowed:
-                    raise decision.exceeded()
+                    raise decision.refusal()
                 return func(*args, **kwargs)
 
             return wrapper
@@ -507,9 +529,9 @@ class AsyncRateLimiter(_LimiterBase):
     async def _check(
         self, key: str, cost: int, tier: str | None, *, peek: bool
     ) -> RateLimitDecision:
-        request, early = self._begin(key, cost, tier, peek)
-        if early is not None:
-            return early
+        request, ticket = self._begin(key, cost, tier, peek)
+        if not isinstance(ticket, int):
+            return ticket
         storage = self._storage
         try:
             if isinstance(storage, MemoryRateLimitStorage):
@@ -517,8 +539,10 @@ class AsyncRateLimiter(_LimiterBase):
             else:
                 result = await cast(AsyncRateLimitStorage, storage).hit(request)
         except Exception as exc:  # any storage failure is handled by on_backend_error
-            self._backend_failed(exc)
-            return self._fallback(key, request)
+            return self._failed(key, request, ticket, exc)
+        except BaseException:  # cancelled: no answer either way
+            self._health.abandon(ticket)
+            raise
         self._backend_ok()
         return self._finish(key, request, result)
 
@@ -564,7 +588,8 @@ class AsyncRateLimiter(_LimiterBase):
             tier: the tier to apply.
 
         Returns:
-            The decorator. A denied call raises :class:`~hardening.RateLimitExceeded`.
+            The decorator. A denied call raises :class:`~hardening.RateLimitExceeded` (or
+            :class:`~hardening.BackendUnavailable` when denied because the storage failed).
 
         Raises:
             ConfigurationError: when applied to a plain (non-async) function.
@@ -580,7 +605,7 @@ class AsyncRateLimiter(_LimiterBase):
             async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
                 decision = await self.hit(self._key_of(key, args, kwargs), cost=cost, tier=tier)
                 if not decision.allowed:
-                    raise decision.exceeded()
+                    raise decision.refusal()
                 return await func(*args, **kwargs)
 
             return wrapper

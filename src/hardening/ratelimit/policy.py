@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, TypeAlias
 
-from hardening.errors import ConfigurationError, RateLimitExceeded
+from hardening.errors import BackendUnavailable, ConfigurationError, RateLimitExceeded
 
 if TYPE_CHECKING:
     from collections import deque
@@ -412,6 +412,23 @@ class RateLimitDecision:
             headers=self.headers(),
             decision=self,
         )
+
+    def refusal(self) -> RateLimitExceeded | BackendUnavailable:
+        """The error a refused call raises: over its limit (429) or the store is down (503).
+
+        Returns:
+            :meth:`exceeded` for a real denial; for a denial made because the storage failed
+            (``on_backend_error="deny"``), a :class:`~hardening.BackendUnavailable` whose
+            ``retry_after`` is the breaker's window: the client is not over its limit, the
+            limiter could not tell.
+        """
+        if self.error and not self.allowed and not self.states:
+            return BackendUnavailable(
+                "rate-limit storage",
+                "cannot check the limit; denied by on_backend_error='deny'",
+                retry_after=self.retry_after,
+            )
+        return self.exceeded()
 
     def headers(self) -> dict[str, str]:
         """The HTTP headers describing this decision.

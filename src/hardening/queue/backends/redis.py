@@ -35,7 +35,8 @@ from typing import Any, get_args
 
 from hardening._clock import Clock, SystemClock
 from hardening._imports import require
-from hardening._redis import is_async_client, read_lua
+from hardening._redis import check_key_prefix, is_async_client, read_lua, redis_key
+from hardening._storage import warn_about_pool
 from hardening.errors import BackendUnavailable, ConfigurationError, LeaseLost
 from hardening.queue.backends.base import LEASE_EXPIRED, ack_each
 from hardening.queue.job import Attempt, Job, JobError, JobState, NewJob, QueueStats
@@ -77,16 +78,6 @@ _UNAVAILABLE = (
     _redis_exceptions.TimeoutError,
     _redis_exceptions.ClusterDownError,
 )
-
-
-def _hash_tag(queue: str) -> str:
-    """The queue name as a hash tag's content, one per name and never empty.
-
-    Braces (and ``%``, to keep the escape reversible) are percent-encoded: a brace would end
-    the tag early and an empty tag ``{}`` would make Redis hash whole keys, scattering a queue
-    over slots. The empty name becomes a lone ``%``, which no escaped name can be.
-    """
-    return queue.replace("%", "%25").replace("{", "%7B").replace("}", "%7D") or "%"
 
 
 def _number(value: float) -> str:
@@ -157,8 +148,8 @@ class RedisBackend:
             client (e.g. from ``hardening._redis.client_from_url``); also used by
             :class:`~hardening.queue.QueueProcessor` as its rate-limit storage.
         clock: the clock deciding leases and delays (a ``FakeClock`` in tests).
-        key_prefix: the first part of every key; without ``{`` or ``}`` (the queue's name is
-            the hash tag).
+        key_prefix: the first part of every key: letters, digits and ``_.:/-*%`` (the
+            queue's name, escaped by the shared key builder, is the hash tag).
         owns_client: close the client in :meth:`close` (true when built from a URL).
 
     Raises:
@@ -175,13 +166,11 @@ class RedisBackend:
     ) -> None:
         if is_async_client(client):
             raise ConfigurationError("RedisBackend needs a blocking redis client, not asyncio")
-        if not isinstance(key_prefix, str) or not key_prefix or {"{", "}"} & set(key_prefix):
-            raise ConfigurationError(
-                f"key_prefix must be a non-empty string without braces, not {key_prefix!r}"
-            )
+        if not owns_client:
+            warn_about_pool(client, "RedisBackend")
         self.client = client
         self.clock: Clock = clock or SystemClock()
-        self.key_prefix = key_prefix
+        self.key_prefix = check_key_prefix(key_prefix)
         self.owns_client = owns_client
         common = read_lua("hardening.queue", "common.lua")
         self._scripts = {
@@ -201,8 +190,7 @@ class RedisBackend:
             ``ready``, ``delayed``, ``running``, ``waiting``, ``retrying``, ``completed``,
             ``dead``, ``dedupe`` and ``seq``, in that order (the order the scripts take them).
         """
-        base = f"{self.key_prefix}:{{{_hash_tag(queue)}}}"
-        return tuple(f"{base}:{name}" for name in _KEY_NAMES)
+        return tuple(redis_key(self.key_prefix, queue, name) for name in _KEY_NAMES)
 
     def job_key(self, queue: str, job_id: str) -> str:
         """The key of one job's hash.
@@ -217,7 +205,7 @@ class RedisBackend:
         return self._job_prefix(queue) + job_id
 
     def _job_prefix(self, queue: str) -> str:
-        return f"{self.key_prefix}:{{{_hash_tag(queue)}}}:job:"
+        return redis_key(self.key_prefix, queue, "job:")
 
     def _run(self, name: str, queue: str, *args: str) -> Any:
         """Run one script on ``queue``'s keys, with the job key prefix and now first."""

@@ -18,6 +18,7 @@ from typing import Any
 
 from hardening._clock import Clock, SystemClock
 from hardening._imports import require
+from hardening._sql import sql_unavailable
 from hardening.errors import ConfigurationError, LeaseLost
 from hardening.queue.backends.base import LEASE_EXPIRED, ack_each
 from hardening.queue.job import (
@@ -125,6 +126,10 @@ class SQLBackend:
         table: the table's name.
         schema: the database schema.
 
+    Every method that runs SQL raises :class:`~hardening.BackendUnavailable` (``backend="sql"``)
+    when the database cannot be reached, drops the connection or times out, as the Redis
+    backend does; other database errors propagate unchanged.
+
     Raises:
         ConfigurationError: the database is neither PostgreSQL nor SQLite.
     """
@@ -151,12 +156,22 @@ class SQLBackend:
         self.table = jobs_table(self.metadata, table, schema=schema)
         self._prepare()
 
+    @sql_unavailable
     def create_schema(self) -> None:
-        """Create the table and its indexes if they do not exist."""
+        """Create the table and its indexes if they do not exist.
+
+        Raises:
+            BackendUnavailable: the database could not be reached or timed out.
+        """
         self.metadata.create_all(self.engine)
 
+    @sql_unavailable
     def drop_schema(self) -> None:
-        """Drop the table."""
+        """Drop the table.
+
+        Raises:
+            BackendUnavailable: the database could not be reached or timed out.
+        """
         self.metadata.drop_all(self.engine)
 
     def close(self) -> None:
@@ -279,10 +294,15 @@ class SQLBackend:
 
     # --- producing ---------------------------------------------------------------------
 
+    @sql_unavailable
     def enqueue(self, job: NewJob, *, session: object | None = None) -> Job:
         """Insert a job, or return the waiting one with the same ``dedupe_key``.
 
         With ``session``, the insert runs in that session's transaction (it commits with it).
+
+        Raises:
+            BackendUnavailable: the database could not be reached or timed out (in a
+                ``session``, its transaction is then yours to roll back).
         """
         values = {
             "id": job.id,
@@ -344,8 +364,13 @@ class SQLBackend:
 
     # --- claiming ----------------------------------------------------------------------
 
+    @sql_unavailable
     def claim(self, queue: str, *, worker: str, limit: int, lease: float) -> list[Job]:
-        """Recover lapsed leases, then lease up to ``limit`` ready jobs (``SKIP LOCKED``)."""
+        """Recover lapsed leases, then lease up to ``limit`` ready jobs (``SKIP LOCKED``).
+
+        Raises:
+            BackendUnavailable: the database could not be reached or timed out.
+        """
         now = self.clock.time()
         self._recover(queue, now)
         if limit <= 0:
@@ -404,8 +429,13 @@ class SQLBackend:
             t.c.lease_expires_at > now,
         )
 
+    @sql_unavailable
     def heartbeat(self, queue: str, jobs: Sequence[Job], lease: float) -> set[str]:
-        """Extend the leases still held; return their ids."""
+        """Extend the leases still held; return their ids.
+
+        Raises:
+            BackendUnavailable: the database could not be reached or timed out.
+        """
         if not jobs:
             return set()
         now = self.clock.time()
@@ -445,10 +475,17 @@ class SQLBackend:
             lease_expires_at=None,
         )
 
+    @sql_unavailable
     def ack(self, job: Job) -> Job:
-        """Mark a claimed job completed (``LeaseLost`` if the lease is gone)."""
+        """Mark a claimed job completed.
+
+        Raises:
+            LeaseLost: the lease lapsed or the token is stale.
+            BackendUnavailable: the database could not be reached or timed out.
+        """
         return self._finish(job, self._ack_stmt, "completed", None)
 
+    @sql_unavailable
     def ack_many(self, jobs: Sequence[Job]) -> list[Job | None]:
         """Ack several jobs with one ``UPDATE … FROM (VALUES …)`` on PostgreSQL.
 
@@ -459,6 +496,9 @@ class SQLBackend:
 
         Returns:
             Per job: the completed job, or ``None`` where the lease was lost.
+
+        Raises:
+            BackendUnavailable: the database could not be reached or timed out.
         """
         if len(jobs) < 2 or not self._postgres:
             return ack_each(self.ack, jobs)
@@ -518,8 +558,13 @@ class SQLBackend:
             for job in jobs
         ]
 
+    @sql_unavailable
     def fail(self, job: Job, error: JobError, *, retry_at: float | None) -> Job:
-        """Record a failed attempt; retry at ``retry_at`` or dead-letter."""
+        """Record a failed attempt; retry at ``retry_at`` or dead-letter.
+
+        Raises:
+            BackendUnavailable: the database could not be reached or timed out.
+        """
         text = json.dumps(error.to_dict())
         if retry_at is None:
             return self._finish(job, self._dead_stmt, "failed", error, error_json=text)
@@ -527,8 +572,13 @@ class SQLBackend:
             job, self._retry_stmt, "failed", error, error_json=text, retry_at=retry_at
         )
 
+    @sql_unavailable
     def release(self, job: Job) -> None:
-        """Give a claimed job back: waiting again, this attempt not counted."""
+        """Give a claimed job back: waiting again, this attempt not counted.
+
+        Raises:
+            BackendUnavailable: the database could not be reached or timed out.
+        """
         t = self.table
         now = self.clock.time()
         with self._single.connect() as conn:
@@ -546,15 +596,25 @@ class SQLBackend:
 
     # --- reading and operating ---------------------------------------------------------
 
+    @sql_unavailable
     def get(self, queue: str, job_id: str) -> Job | None:
-        """The job, or ``None``."""
+        """The job, or ``None``.
+
+        Raises:
+            BackendUnavailable: the database could not be reached or timed out.
+        """
         t = self.table
         with self._single.connect() as conn:
             row = conn.execute(sa.select(t).where(t.c.queue == queue, t.c.id == job_id)).first()
         return None if row is None else self._job(row)
 
+    @sql_unavailable
     def stats(self, queue: str) -> QueueStats:
-        """Counts per state (one grouped query) and the oldest ready job's age."""
+        """Counts per state (one grouped query) and the oldest ready job's age.
+
+        Raises:
+            BackendUnavailable: the database could not be reached or timed out.
+        """
         now = self.clock.time()
         t = self.table
         kind = sa.case(
@@ -581,8 +641,13 @@ class SQLBackend:
             oldest_waiting_age=max(0.0, now - oldest) if oldest is not None else 0.0,
         )
 
+    @sql_unavailable
     def dead_letters(self, queue: str, *, limit: int = 100) -> list[Job]:
-        """Dead jobs, most recently dead first."""
+        """Dead jobs, most recently dead first.
+
+        Raises:
+            BackendUnavailable: the database could not be reached or timed out.
+        """
         t = self.table
         with self._single.connect() as conn:
             rows = conn.execute(
@@ -598,8 +663,13 @@ class SQLBackend:
         where = sa.and_(t.c.queue == queue, t.c.state == "dead")
         return where if job_ids is None else sa.and_(where, t.c.id.in_(list(job_ids)))
 
+    @sql_unavailable
     def requeue_dead(self, queue: str, job_ids: Sequence[str] | None = None) -> int:
-        """Dead jobs back to waiting with fresh attempts (history kept)."""
+        """Dead jobs back to waiting with fresh attempts (history kept).
+
+        Raises:
+            BackendUnavailable: the database could not be reached or timed out.
+        """
         now = self.clock.time()
         with self._single.connect() as conn:
             result = conn.execute(
@@ -609,16 +679,25 @@ class SQLBackend:
             )
         return int(result.rowcount)
 
+    @sql_unavailable
     def purge_dead(self, queue: str, job_ids: Sequence[str] | None = None) -> int:
-        """Delete dead jobs."""
+        """Delete dead jobs.
+
+        Raises:
+            BackendUnavailable: the database could not be reached or timed out.
+        """
         with self._single.connect() as conn:
             result = conn.execute(sa.delete(self.table).where(self._dead(queue, job_ids)))
         return int(result.rowcount)
 
+    @sql_unavailable
     def cleanup(self, queue: str, *, older_than: float) -> int:
         """Delete finished jobs older than ``older_than`` seconds.
 
         In chunks of 5,000 rows, so no transaction holds its locks for long.
+
+        Raises:
+            BackendUnavailable: the database could not be reached or timed out.
         """
         cutoff = self.clock.time() - older_than
         t = self.table

@@ -1,0 +1,166 @@
+"""Which SQL errors are outages, decided once for every SQL-backed primitive.
+
+An outage (the database cannot be reached, dropped the connection, timed out, or a busy pool
+or store could not serve in time) becomes :class:`~hardening.BackendUnavailable` ``("sql",
+…)``, which the adapters answer with 503. Everything else is the caller's to see unchanged: a
+serialization failure or deadlock (SQLSTATE class 40, retried by the caller), an integrity,
+data or programming error (a bug or a configuration problem, not an outage), and every
+:class:`~hardening.HardeningError`.
+
+:func:`unavailable_from` is the decision; :data:`map_outages` (a context manager) and
+:func:`sql_unavailable` (a decorator for functions and coroutine functions) apply it. Nothing
+here imports SQLAlchemy: no SQLAlchemy error can exist before ``sqlalchemy.exc`` is imported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import sys
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any, ParamSpec, TypeVar, cast
+
+from hardening.errors import BackendUnavailable, HardeningError
+
+__all__ = ["map_outages", "sql_unavailable", "unavailable_from"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_BACKEND = "sql"
+_MAX_MESSAGE = 200
+_SQLITE_ERROR = 1  # SQLITE_ERROR: a bad statement (no such table, syntax error), not an outage
+# a raw socket error (asyncpg connects without wrapping them); asyncio's own TimeoutError is
+# not an OSError before Python 3.11
+_RAW_OUTAGES = (OSError, asyncio.TimeoutError)
+
+
+def unavailable_from(exc: BaseException) -> BackendUnavailable | None:
+    """The :class:`~hardening.BackendUnavailable` an SQL error stands for, if it is an outage.
+
+    Outages: SQLAlchemy's ``OperationalError`` and ``InterfaceError``, its pool ``TimeoutError``
+    (every connection stayed checked out for the whole ``pool_timeout``), any ``DBAPIError``
+    that invalidated its connection, and a raw ``OSError`` (or asyncio timeout) from a driver
+    that does not wrap its connection errors.
+
+    Args:
+        exc: the exception raised while running SQL.
+
+    Returns:
+        ``BackendUnavailable("sql", "<class>: <first line of the driver's message>")``, not yet
+        raised (raise it ``from exc``); ``None`` when ``exc`` is not an outage.
+    """
+    if not isinstance(exc, Exception) or isinstance(exc, HardeningError):
+        return None
+    sa_exc = sys.modules.get("sqlalchemy.exc")
+    if sa_exc is not None and isinstance(exc, sa_exc.SQLAlchemyError):
+        return _from_sqlalchemy(exc, sa_exc) if _is_outage(exc, sa_exc) else None
+    if isinstance(exc, _RAW_OUTAGES):
+        return BackendUnavailable(_BACKEND, _describe(exc))
+    return None
+
+
+def _is_outage(exc: Exception, sa_exc: Any) -> bool:
+    if isinstance(exc, sa_exc.TimeoutError):
+        return True
+    if not isinstance(exc, sa_exc.DBAPIError):
+        return False
+    orig = exc.orig
+    if _sqlstate(orig).startswith("40"):
+        # serialization_failure, deadlock_detected...: the transaction lost a race and is
+        # worth retrying, which callers decide; psycopg raises them as OperationalError
+        return False
+    if exc.connection_invalidated:
+        return True
+    if not isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError)):
+        return False
+    # SQLite reports a bad statement as an OperationalError too; its other operational errors
+    # (cannot open the file, disk I/O, full) are outages, and so is "database is locked"
+    # (SQLITE_BUSY): the store stayed busy for its whole busy timeout, like a pool timeout.
+    code = getattr(orig, "sqlite_errorcode", None)  # Python 3.11+
+    return not (isinstance(code, int) and code & 0xFF == _SQLITE_ERROR)
+
+
+def _sqlstate(orig: object) -> str:
+    """The SQLSTATE of a driver error: psycopg 3 and asyncpg (``sqlstate``), psycopg2."""
+    for name in ("sqlstate", "pgcode"):
+        value = getattr(orig, name, None)
+        if isinstance(value, str):
+            return value
+    return ""
+
+
+def _from_sqlalchemy(exc: Exception, sa_exc: Any) -> BackendUnavailable:
+    # a DBAPIError's own text carries the SQL and its parameters: describe the driver's error
+    orig = exc.orig if isinstance(exc, sa_exc.DBAPIError) else None
+    return BackendUnavailable(_BACKEND, _describe(orig if isinstance(orig, Exception) else exc))
+
+
+def _describe(exc: BaseException) -> str:
+    # args[0], where it is the message: SQLAlchemy's str() appends a link to its docs
+    text = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+    lines = text.strip().splitlines()
+    first = lines[0].strip() if lines else ""
+    if len(first) > _MAX_MESSAGE:
+        first = first[: _MAX_MESSAGE - 3] + "..."
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+class _MapOutages:
+    """Re-raise an outage leaving the block as ``BackendUnavailable`` (``from`` it)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if exc is not None:
+            unavailable = unavailable_from(exc)
+            if unavailable is not None:
+                raise unavailable from exc
+
+
+map_outages = _MapOutages()
+"""``with map_outages: ...``: an outage raised in the block leaves it as ``BackendUnavailable``.
+
+Stateless, so one instance serves every thread and task (async code may use it too: it only
+wraps what is raised)."""
+
+
+def sql_unavailable(func: Callable[P, R]) -> Callable[P, R]:
+    """Decorate a function or coroutine function so its SQL outages raise ``BackendUnavailable``.
+
+    Args:
+        func: a plain or ``async def`` function (or method) that runs SQL.
+
+    Returns:
+        The same kind of function, with the same signature and docstring.
+
+    Raises:
+        TypeError: ``func`` is a generator function: its errors happen after it returns,
+            while it is iterated, which a wrapper around the call would not see.
+    """
+    if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+        raise TypeError(f"sql_unavailable cannot wrap the generator function {func.__name__}")
+    if inspect.iscoroutinefunction(func):
+        async_func = cast(Callable[P, Awaitable[Any]], func)
+
+        @functools.wraps(func)
+        async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+            with map_outages:
+                return await async_func(*args, **kwargs)
+
+        return cast(Callable[P, R], async_wrapper)
+
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with map_outages:
+            return func(*args, **kwargs)
+
+    return wrapper
