@@ -88,12 +88,13 @@ def test_four_processes_one_load(redis_url: str, redis_client: Any, redis_prefix
     context = multiprocessing.get_context("spawn")
     start_at = time.time() + 3.0  # after every process has imported and connected
     processes = [
-        context.Process(target=stampede, args=(redis_url, prefix, 25, start_at)) for _ in range(4)
+        context.Process(target=stampede, args=(redis_url, prefix, 25, start_at, 100))
+        for _ in range(4)
     ]
     for process in processes:
         process.start()
     for process in processes:
-        process.join(30)
+        process.join(60)
         assert process.exitcode == 0
     assert int(redis_client.get(f"{prefix}:loader-runs")) == 1
     results = sorted(r.decode() for r in redis_client.lrange(f"{prefix}:results", 0, -1))

@@ -104,14 +104,20 @@ async def test_concurrent_editors_lose_nothing(serve: Serve) -> None:
     """Users racing on a hot page: 412s rebase and land; nothing acknowledged is lost."""
     base = serve()
     options = Options(
-        url=base, users=8, pages=3, blocks=20, duration=3.0, think=0.05, shared=0.5,
-        admin_token=ADMIN, seed=7, progress=False, search_timeout=20.0,
+        url=base, users=8, pages=3, blocks=20, duration=None, edits_per_user=6, think=0.0,
+        shared=0.8, hot_pages=1, admin_token=ADMIN, seed=7, progress=False,
+        search_timeout=20.0,
     )  # fmt: skip
-    results = await run(options)
+    results = await run(options)  # fixed work: 48 edits, however fast the machine
 
     assert results.verification.ok, _describe(results)
     statuses = results.status_total()
-    assert results.acknowledged >= 20, _describe(results)
+    ended = {k: v for k, v in results.outcomes.items() if "after a 412" not in k}
+    assert sum(ended.values()) == 8 * 6, _describe(results)  # every edit ended exactly once
+    # under this much contention a client may give up after its rebase retries (412)
+    expected = {"acknowledged", "conflict (PatchConflict)", "failed (412)"}
+    assert set(ended) <= expected, _describe(results)
+    assert results.acknowledged > 0, _describe(results)
     assert statuses[412] > 0, _describe(results)
     assert results.outcomes.get("acknowledged after a 412 rebase", 0) > 0, _describe(results)
     assert not [s for s in statuses if s >= 500], _describe(results)
