@@ -414,7 +414,10 @@ def sql_engine(request: pytest.FixtureRequest) -> Engine:
 
 @pytest.fixture
 def fault_proxy() -> Iterator[Callable[[str, int], FaultProxy]]:
-    """Start fault-injecting TCP proxies (``fault_proxy(host, port)``); all closed afterwards."""
+    """Start fault-injecting TCP proxies (``fault_proxy(host, port)``); all closed afterwards.
+
+    The test fails if a proxy's event loop reported an unexpected error (a bug in the proxy).
+    """
     from tests.faultproxy import FaultProxy
 
     proxies: list[FaultProxy] = []
@@ -429,6 +432,8 @@ def fault_proxy() -> Iterator[Callable[[str, int], FaultProxy]]:
     finally:
         for proxy in proxies:
             proxy.close()
+    errors = [error for proxy in proxies for error in proxy.errors]
+    assert not errors, f"a FaultProxy's event loop reported errors: {errors}"
 
 
 @pytest.fixture

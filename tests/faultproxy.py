@@ -30,6 +30,9 @@ Semantics worth knowing:
   again: bytes were swallowed), so clients see a connection error on their next use of it and
   reconnect. Connections opened after ``restore()`` are forwarded normally; latency goes back to 0.
 * A half-close is forwarded as a half-close (FIN); when one side resets, the other is reset too.
+  When the target refuses (or does not answer within ``connect_timeout``), the client is reset.
+* The port is ephemeral, so during a cut another socket could in theory take it; re-binding is
+  retried for 2 s, then ``restore()`` raises ``OSError`` (never seen in practice on loopback).
 """
 
 from __future__ import annotations
@@ -423,7 +426,7 @@ class FaultProxy:
         """Wait for the latest :meth:`blip` to end; False on timeout.
 
         Raises:
-            OSError: restoring at the end of the blip failed (the port was taken).
+            OSError: restoring at the end of the blip failed (e.g. the port was taken).
         """
         event = self._blip_event
         if event is None:
@@ -476,7 +479,14 @@ class FaultProxy:
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"{self!r} is closed")
-            future = asyncio.run_coroutine_threadsafe(make(), self._loop)
+            if not self._thread.is_alive():  # pragma: no cover - would be a bug in the proxy
+                raise RuntimeError(f"{self!r} has no running thread") from self._failure()
+            coro = make()
+            try:
+                future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+            except BaseException:  # pragma: no cover - the loop closed under us
+                coro.close()
+                raise
             return future.result(_CALL_TIMEOUT)
 
     def _failure(self) -> BaseException | None:
@@ -601,8 +611,13 @@ class FaultProxy:
 
     async def _settle_accepts(self) -> None:
         """Wait until every accepted connection has been adopted (or reset)."""
-        while self._accepting:
-            await asyncio.gather(*list(self._accepting), return_exceptions=True)
+        # A finished task leaves the set only in a later callback: look at done(), and never
+        # await an already finished future in a loop (that would spin without yielding).
+        while True:
+            pending = [task for task in self._accepting if not task.done()]
+            if not pending:
+                return
+            await asyncio.wait(pending)
 
     def _cancel_blip(self) -> None:
         task, event = self._blip_task, self._blip_event

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -128,6 +129,14 @@ def test_cut_resets_open_connections(redis_proxy: FaultProxy) -> None:
             sock.recv(1)
 
 
+def test_cut_resets_a_connection_just_made(redis_proxy: FaultProxy) -> None:
+    """cut() right after a connect resets that connection too, wherever it was in accept()."""
+    with raw_connect(redis_proxy) as sock:
+        redis_proxy.cut()
+        with pytest.raises(ConnectionResetError):
+            sock.recv(1)
+
+
 def test_cut_refuses_new_connections(redis_proxy: FaultProxy) -> None:
     """After cut(), connecting to the proxy's port is refused."""
     redis_proxy.cut()
@@ -243,12 +252,12 @@ def test_blip_is_superseded_by_cut(redis_proxy: FaultProxy) -> None:
 
 def test_unreachable_target_resets_clients(fault_proxy: Callable[[str, int], FaultProxy]) -> None:
     """When the target refuses, the proxy resets the client's connection."""
-    with socket.socket() as spare:  # a port nothing listens on
+    with socket.socket() as spare:  # bound, never listening: connects to it are refused
         spare.bind(("127.0.0.1", 0))
-        port = spare.getsockname()[1]
-    proxy = fault_proxy("127.0.0.1", port)
-    with raw_connect(proxy) as sock, pytest.raises(ConnectionResetError):
-        sock.recv(1)
+        proxy = fault_proxy("127.0.0.1", spare.getsockname()[1])
+        # the reset can arrive before the client's connect() has even returned
+        with pytest.raises(ConnectionResetError), raw_connect(proxy) as sock:
+            sock.recv(1)
     assert wait_until(lambda: proxy.open_connections == 0)
 
 
@@ -358,23 +367,29 @@ def test_urls() -> None:
         )
 
 
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def _open_sockets() -> set[str]:
+    """The sockets this process has open (``socket:[inode]``)."""
+    fds = Path("/proc/self/fd")
+    links = set()
+    for fd in fds.iterdir():
+        with contextlib.suppress(OSError):  # the listing's own fd is gone already
+            links.add(os.readlink(fd))
+    return {link for link in links if link.startswith("socket:")}
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd")
 def test_close_leaves_no_sockets_or_threads(redis_url: str, redis_factory: RedisFactory) -> None:
     """close() resets every connection, closes every socket and ends the proxy's thread."""
     target = urlsplit(redis_url)
-    threads, fds = threading.active_count(), _open_fds()
+    before = _open_sockets()
     proxy = FaultProxy(target.hostname or "127.0.0.1", target.port or 6379)
     client = redis_factory(proxy)
     client.ping()
     proxy.close()
     client.close()
     assert not proxy._thread.is_alive()
-    assert threading.active_count() == threads
-    assert _open_fds() == fds
+    assert proxy._thread not in threading.enumerate()
+    assert _open_sockets() <= before
     with pytest.raises(ConnectionRefusedError):
         raw_connect(proxy).close()
 
