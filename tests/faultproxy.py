@@ -164,7 +164,11 @@ class _Pipe:
             if item is None:
                 self.eof_sent = True
                 if dst.transport.can_write_eof():
-                    dst.transport.write_eof()
+                    try:
+                        dst.transport.write_eof()
+                    except OSError:  # the peer is gone already (ENOTCONN): end the connection
+                        self.conn.close()
+                        return
                 self.conn.eof_delivered()
             else:
                 dst.transport.write(item)

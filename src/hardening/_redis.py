@@ -12,8 +12,8 @@ because our primitives run their own Lua scripts on the raw client.
 ``redis.ConnectionError`` (which the primitives count as a backend failure). redis-py's own
 default pool raises ``MaxConnectionsError`` at once instead, which a limiter would read as an
 outage. A broken pooled connection is retried once at once (a server restart leaves every
-idle connection dead); there is no retry with back-off, so an outage is seen within the
-socket timeouts, never after redis-py's ten retries.
+idle connection dead); a timeout is not retried, and there is no retry with back-off, so an
+outage is seen within one socket timeout, never after redis-py's ten retries.
 
 **Keys.** :func:`redis_key` builds every key: ``<prefix>:<kind>:{<tag>}[:<rest>...]``, where the
 hash tag is :func:`hash_tag` of a user-supplied part: braces, ``%`` and anything but printable
@@ -215,7 +215,12 @@ def _options(
             "redis.asyncio.retry" if is_async else "redis.retry", extra="redis", feature="x"
         )
         backoff = require("redis.backoff", extra="redis", feature="a Redis backend")
-        merged["retry"] = retry.Retry(backoff.NoBackoff(), 1)
+        exceptions = require("redis.exceptions", extra="redis", feature="x")
+        # a dead pooled connection (after a restart) is worth one immediate retry; a timeout
+        # is not: a silent server would cost the socket timeout twice
+        merged["retry"] = retry.Retry(
+            backoff.NoBackoff(), 1, supported_errors=(exceptions.ConnectionError,)
+        )
     return merged, size, float(wait)
 
 

@@ -95,3 +95,61 @@ def test_wsgi_deny_on_outage_answers_503() -> None:
     assert response.status_code == 503
     assert response.headers["content-type"] == PROBLEM_JSON
     assert "retry-after" in response.headers
+
+
+@pytest.mark.anyio
+async def test_an_outage_in_the_apps_own_code_is_503() -> None:
+    """The app's own SQLAlchemy or redis-py call meeting a dead store: 503, not 500."""
+    import redis.asyncio
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(
+        f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/test",
+        connect_args={"connect_timeout": 2},
+    )
+    client = redis.asyncio.Redis(port=free_port(), socket_connect_timeout=1)
+
+    async def app(scope: dict[str, object], receive: object, send: object) -> None:
+        if scope["path"] == "/sql":
+            with engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+        elif scope["path"] == "/redis":
+            await client.get("x")
+        raise KeyError("a bug, not an outage")
+
+    transport = httpx.ASGITransport(app=ErrorMiddleware(app))  # type: ignore[arg-type]
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        sql = await http.get("/sql")
+        red = await http.get("/redis")
+        with pytest.raises(KeyError):
+            await http.get("/bug")
+    await client.aclose()
+    engine.dispose()
+    assert (sql.status_code, red.status_code) == (503, 503)
+    assert json.loads(sql.content)["backend"] == "sql"
+    assert json.loads(red.content)["backend"] == "redis"
+    assert sql.headers["content-type"] == PROBLEM_JSON
+
+
+def test_wsgi_outage_in_the_apps_own_code_is_503() -> None:
+    """The WSGI ErrorMiddleware answers a raw SQL outage from the app with 503."""
+    import sqlalchemy as sa
+
+    from hardening.adapters.wsgi import ErrorMiddleware as WSGIErrorMiddleware
+
+    engine = sa.create_engine(
+        f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/test",
+        connect_args={"connect_timeout": 2},
+    )
+
+    def app(environ: dict[str, object], start_response: object) -> list[bytes]:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+        return []
+
+    wrapped = WSGIErrorMiddleware(app)
+    with httpx.Client(transport=httpx.WSGITransport(app=wrapped), base_url="http://t") as http:
+        response = http.get("/")
+    engine.dispose()
+    assert response.status_code == 503
+    assert response.headers["content-type"] == PROBLEM_JSON

@@ -199,8 +199,10 @@ def test_a_server_that_never_answers_costs_one_timeout(
     )
     assert limiter.hit("k").allowed
     redis_proxy.blackhole()
+    connections = redis_proxy.connections_accepted
     first = limiter.hit("k")
     assert first.error
+    assert redis_proxy.connections_accepted == connections  # a timeout is not retried
     storage = limiter._storage
     calls = []
     original = storage.hit
@@ -325,3 +327,21 @@ def test_deny_on_outage_is_503_not_429() -> None:
     decision = limiter.hit("k")
     assert decision.refusal().http_status == 503
     limiter.close()
+
+
+@pytest.mark.anyio
+async def test_latency_slows_decisions_but_changes_none(
+    redis_proxy: FaultProxy, redis_prefix: str
+) -> None:
+    """50 ms each way on every Redis reply and 300 concurrent hits: still exactly 20 admitted."""
+    redis_proxy.latency(0.05)
+    limiter = AsyncRateLimiter(
+        "20/minute",
+        storage=redis_proxy.redis_url() + "?max_connections=10&pool_timeout=30",
+        key_prefix=_prefix(redis_prefix),
+    )
+    async with limiter:
+        decisions = await asyncio.gather(*(limiter.hit("slow") for _ in range(300)))
+    assert sum(d.allowed for d in decisions) == 20
+    assert sum(d.error for d in decisions) == 0
+    assert redis_proxy.connections_accepted <= 10  # the pool bounded the connections

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
 
+from hardening._sql import unavailable_from
 from hardening.errors import (
     BackendUnavailable,
     ConfigurationError,
@@ -32,6 +33,7 @@ __all__ = [
     "HealthReport",
     "PathMatcher",
     "RateLimitRule",
+    "answerable",
     "error_response",
     "parse_content_length",
     "parse_json_body",
@@ -93,6 +95,34 @@ def problem_response(
         *headers,
     ]
     return status, response_headers, body
+
+
+def answerable(exc: Exception, errors: type[HardeningError]) -> HardeningError | None:
+    """The error to answer for ``exc``, or ``None`` to let it propagate.
+
+    An error of type ``errors``; and, where every ``hardening`` error is answered, an outage
+    raised by a driver in the app's own code (SQLAlchemy's operational errors, redis-py's
+    connection errors and timeouts), as :class:`~hardening.BackendUnavailable`: a store that is
+    down is a 503 for the client, not a 500, whichever code happened to meet it.
+
+    Args:
+        exc: what the app raised.
+        errors: the error type the middleware answers.
+
+    Returns:
+        The error to answer with, or ``None``.
+    """
+    if isinstance(exc, errors):
+        return exc
+    if errors is not HardeningError:
+        return None
+    unavailable = unavailable_from(exc)
+    if unavailable is not None:
+        return unavailable
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if type(exc).__module__.startswith("redis") and names & {"ConnectionError", "TimeoutError"}:
+        return BackendUnavailable("redis", type(exc).__name__)
+    return None
 
 
 def error_response(exc: HardeningError) -> tuple[int, HeaderList, bytes]:

@@ -28,6 +28,7 @@ from hardening.adapters._http import (
     PathMatcher,
     RateLimitPlan,
     RateLimitRule,
+    answerable,
     asgi_request_info,
     asgi_route,
     bearer_ok,
@@ -270,8 +271,10 @@ class ErrorMiddleware:
     ``InvalidPatch`` 422, ``MalformedBody`` 400, ``UnsupportedMediaType`` 415 with
     ``Accept-Patch``, ``PatchConflict`` 409, ``RateLimitExceeded`` 429 with its headers, and
     the rest of :mod:`hardening.errors` by their ``http_status``; the body carries the error's
-    data (versions, the failing operation's index). Other exceptions pass through, and so does
-    an error raised after the response started (it can no longer be changed).
+    data (versions, the failing operation's index). A store outage that the app's own code
+    meets (SQLAlchemy's operational errors, redis-py's connection errors and timeouts) is a
+    503 like :class:`~hardening.BackendUnavailable`, not a 500. Other exceptions pass through,
+    and so does an error raised after the response started (it can no longer be changed).
 
     Args:
         app: the ASGI app.
@@ -305,10 +308,11 @@ async def _answering(
 
     try:
         await app(scope, receive, send_watching)
-    except errors as exc:
-        if started:
+    except Exception as exc:
+        error = answerable(exc, errors)
+        if error is None or started:
             raise
-        await _respond(send, error_response(exc), head=scope.get("method") == "HEAD")
+        await _respond(send, error_response(error), head=scope.get("method") == "HEAD")
 
 
 class BodyLimitMiddleware:

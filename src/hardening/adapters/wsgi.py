@@ -33,6 +33,7 @@ from hardening.adapters._http import (
     PathMatcher,
     RateLimitPlan,
     RateLimitRule,
+    answerable,
     bearer_ok,
     binding_headers,
     check_names,
@@ -146,10 +147,13 @@ def _answering(
     started = _Started(start_response)
     try:
         return app(environ, started)
-    except errors as exc:
+    except Exception as exc:
+        error = answerable(exc, errors)
+        if error is None:
+            raise
         return _respond(
             start_response,
-            error_response(exc),
+            error_response(error),
             head=environ.get("REQUEST_METHOD") == "HEAD",
             exc_info=started.exc_info(exc),
         )
@@ -388,7 +392,8 @@ def record_flask_routes(flask_app: Any) -> None:
 class ErrorMiddleware:
     """Answer ``hardening`` errors raised by the app with their HTTP status as problem+json.
 
-    The same mapping as :class:`hardening.adapters.asgi.ErrorMiddleware`. Errors raised while
+    The same mapping as :class:`hardening.adapters.asgi.ErrorMiddleware` (store outages met by
+    the app's own code included: 503, not 500). Errors raised while
     the server iterates the body (after the app returned) pass through, as do other
     exceptions. A response the app had started is replaced through ``start_response``'s
     ``exc_info``, as PEP 3333 allows until the headers are sent.

@@ -528,7 +528,11 @@ class DocumentHistory(_HistoryBase):
                 ``retries`` times (409).
             PatchConflict: the patch clashes with a concurrent edit (``"rebase"``; 409).
             PatchError: the patch is invalid, too large or does not apply (422/413/409).
-            BackendUnavailable: the database could not be reached or timed out (503).
+            BackendUnavailable: the database could not be reached or timed out (503). Nothing
+                was written, unless the connection broke as the transaction committed: then
+                the save may have been stored. Reload before sending the patch again: under
+                ``"reject"`` a resend with the old ``base_version`` is refused (409), but a
+                merging policy would apply it twice.
         """
         doc_id = _check_id(doc_id)
         ops = self._incoming(patch, base_version)
@@ -787,7 +791,9 @@ class AsyncDocumentHistory(_HistoryBase):
                 race lost ``retries`` times.
             PatchConflict: the patch clashes with a concurrent edit.
             PatchError: the patch is invalid, too large or does not apply.
-            BackendUnavailable: the database could not be reached or timed out (503).
+            BackendUnavailable: the database could not be reached or timed out (503); as
+                with :meth:`DocumentHistory.save`, a connection that broke at the commit may
+                hide a stored save.
         """
         doc_id = _check_id(doc_id)
         ops = self._incoming(patch, base_version)

@@ -13,7 +13,7 @@ import math
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -113,12 +113,18 @@ class ReplicaRouter:
             reads, and those of every session with the same ``sticky_key``, stay on the
             primary, so a user reads their own writes despite replication lag.
         backoff: how long a replica that failed to connect is skipped: seconds (doubled per
-            consecutive failure, up to 30 s) or a :class:`Backoff`.
+            consecutive failure, up to 30 s) or a :class:`Backoff`. When it ends, one read
+            probes the replica while the others keep to the next one (or the primary).
         max_lag: on PostgreSQL, skip a replica whose replay lags more than this; ``None``
             checks no lag.
         health_check_interval: how often the lag is measured, per replica.
         clock: the clock whose ``monotonic()`` times stickiness and health.
         max_sticky_keys: the most ``sticky_key`` values remembered at once (oldest dropped).
+
+    Each replica engine's pooled connections are checked before a checkout, as
+    ``pool_pre_ping=True`` does (one round trip; skipped when the engine pre-pings already):
+    a replica that dropped them (a restart, a network cut) then fails over instead of failing
+    the first read of each pooled connection.
 
     Raises:
         ConfigurationError: bad durations, or ``max_lag`` with a replica that is not PostgreSQL.
@@ -162,6 +168,8 @@ class ReplicaRouter:
         self._lock = threading.Lock()
         for engine in self.replicas:
             sa.event.listen(engine, "handle_error", self._on_error)
+            if not getattr(engine.pool, "_pre_ping", False):  # SQLAlchemy's own pre-ping flag
+                sa.event.listen(engine, "checkout", _pinger(engine.dialect))
 
     # stickiness ------------------------------------------------------------------------
 
@@ -242,7 +250,11 @@ class ReplicaRouter:
     def replicas_to_try(self) -> list[sa.Engine]:
         """The usable replicas, starting from the next one in round-robin order.
 
-        Measures the lag of those due a check first (``max_lag``), which is I/O.
+        Measures the lag of those due a check first (``max_lag``), which is I/O. A replica
+        whose backoff has just ended goes to one caller only, as a probe: its backoff is armed
+        again until that caller reports it up (:meth:`mark_up`) or down (:meth:`mark_down`),
+        so a replica that still cannot answer costs one read a connect timeout per backoff,
+        not every read that arrives meanwhile.
 
         Returns:
             The replicas to try, in order; empty when none is usable.
@@ -251,7 +263,15 @@ class ReplicaRouter:
             return []
         if self.max_lag is not None:
             self._check_lag()
-        usable = self.healthy_replicas()
+        now = self.clock.monotonic()
+        with self._lock:
+            usable = []
+            for engine, health in self._health.items():
+                if not health.usable(now):
+                    continue
+                if health.failures:  # recovering: this caller probes it, the others skip it
+                    health.down_until = now + self.backoff.delay(health.failures)
+                usable.append(engine)
         if not usable:
             return []
         start = next(self._turn) % len(usable)
@@ -285,6 +305,25 @@ class ReplicaRouter:
         return f"ReplicaRouter(primary={self.primary!r}, replicas={list(self.replicas)!r})"
 
 
+def _pinger(dialect: sa.Dialect) -> Callable[[Any, Any, Any], None]:
+    """A pool ``checkout`` listener that pings a pooled connection, as ``pool_pre_ping`` does.
+
+    A dead connection raises ``InvalidatePoolError``: SQLAlchemy discards every connection
+    pooled before it and connects anew, so a replica that is back serves the read, and one that
+    is still gone fails to connect, which the session answers by failing over.
+    """
+
+    def ping(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        try:
+            dialect.do_ping(dbapi_connection)
+        except dialect.loaded_dbapi.Error as exc:
+            if not dialect.is_disconnect(exc, dbapi_connection, None):
+                raise
+            raise sa.exc.InvalidatePoolError(str(exc)) from exc
+
+    return ping
+
+
 # --- the session -------------------------------------------------------------------------
 
 
@@ -296,8 +335,9 @@ class RoutedSession(Session):
     without arguments, and everything after any of these in the same transaction; reads within
     ``sticky_for`` of a committed write (by this session, or under the same ``sticky_key``).
     Other reads go to one healthy replica, the same for the whole transaction; a replica that
-    cannot be connected to (refused, timed out, its pool exhausted: the outages every SQL
-    primitive answers 503 for) is marked down and the next one (finally the primary) is used.
+    cannot be connected to (refused, timed out, its pool exhausted, a pooled connection that
+    fails its ping: the outages every SQL primitive answers 503 for) is marked down and the
+    next one (finally the primary) is used.
 
     Args:
         bind: the primary (set by the factory).

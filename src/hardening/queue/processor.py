@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from hardening._backoff import Backoff
 from hardening._clock import Clock, SystemClock, to_seconds
-from hardening.errors import ConfigurationError, JobRejected, LeaseLost
+from hardening.errors import BackendUnavailable, ConfigurationError, JobRejected, LeaseLost
 from hardening.queue.job import Job, JobError, NewJob, QueueStats, encode_payload, new_job_id
 
 if TYPE_CHECKING:
@@ -139,6 +139,12 @@ class QueueProcessor:
     runs on the event loop (:meth:`arun`). Delivery is at least once: a job whose worker dies
     is re-delivered when its lease lapses, and that lost attempt counts toward
     ``max_attempts``, so a poison job always ends in the dead letters.
+
+    When the store is unavailable (:class:`~hardening.BackendUnavailable`) a worker keeps
+    going: its idle wait doubles from ``poll_interval`` up to 30 s while claims fail, and a
+    job that finishes meanwhile stays leased (the heartbeats renew it) until its outcome --
+    completed, or failed with its own error -- is stored on a later pass, so an outage
+    shorter than the lease neither runs a finished job again nor loses its outcome.
 
     Args:
         backend: a :class:`~hardening.queue.QueueBackend` or a URL for :func:`backend_from_url`.
@@ -349,17 +355,8 @@ class QueueProcessor:
                 return
             self.clock.sleep(min(decision.retry_after or 0.01, 1.0))
 
-    def _succeeded(self, job: Job, duration: float) -> None:
-        try:
-            done = self.backend.ack(job)
-        except LeaseLost:
-            logger.warning("job %s finished after its lease was lost; not acked", job.id)
-            self._count(job, "lost", duration)
-            return
-        self._count(job, "completed", duration)
-        _guard(self.on_success, done)
-
     def _failed(self, job: Job, exc: BaseException, duration: float) -> None:
+        """Record a failed attempt (retry or dead letter); an outage raises BackendUnavailable."""
         retry_at = next_run_at(job, self.clock.time(), self.options.backoff)
         try:
             failed = self.backend.fail(job, JobError.from_exception(exc), retry_at=retry_at)
@@ -397,49 +394,91 @@ class QueueProcessor:
             self.metrics.queue_depth(self.queue_name, state, getattr(stats, state))
         self.metrics.queue_oldest_age(self.queue_name, stats.oldest_waiting_age)
 
-    def _run_sync_job(
-        self,
-        job: Job,
-        inflight: dict[str, Job],
-        lock: threading.Lock,
-        finished: list[tuple[Job, float]],
-    ) -> None:
+    def _run_sync_job(self, job: Job, held: _Held) -> None:
         start = time.perf_counter()
         try:
             self._wait_for_rate_limit()
             self.process(job)
         except Exception as exc:
-            with lock:  # finishing: heartbeats stop renewing it (and never call it lost)
-                inflight.pop(job.id, None)
-            self._failed(job, exc, time.perf_counter() - start)
+            held.finished(_Outcome(job, time.perf_counter() - start, exc))
+        except BaseException:
+            held.drop(job)
+            raise
         else:
-            with lock:  # acked in a batch by the worker loop (one round trip per batch)
-                inflight.pop(job.id, None)
-                finished.append((job, time.perf_counter() - start))
-        finally:
-            with lock:
-                inflight.pop(job.id, None)
+            held.finished(_Outcome(job, time.perf_counter() - start, None))
 
-    def _ack_finished(self, finished: list[tuple[Job, float]], lock: threading.Lock) -> None:
-        with lock:
-            batch = finished[:]
-            finished.clear()
-        if not batch:
+    def _record(self, held: _Held) -> None:
+        """Store the outcomes of finished attempts: failures one by one, then one batch of acks.
+
+        A job stays held, its lease renewed by the heartbeats, until its outcome is stored.
+        While the store is unavailable the outcomes wait for the next pass instead of being
+        dropped: a job that finished during an outage is recorded as soon as the store
+        answers, rather than run again once its lease lapses.
+        """
+        batch = held.take_outcomes()
+        failures = [o for o in batch if o.error is not None]
+        completed = [o for o in batch if o.error is None]
+        try:
+            while failures:
+                self._record_failure(failures[0])
+                del failures[0]
+            if completed:
+                self._acked(completed)
+        except BackendUnavailable as exc:  # nothing after it was stored: all of it next pass
+            unrecorded = failures + completed
+            held.keep(unrecorded)
+            logger.warning("recording %d finished jobs failed; retrying (%s)", len(unrecorded), exc)
+
+    def _record_failure(self, outcome: _Outcome) -> None:
+        """Record one failed attempt; an outage raises BackendUnavailable."""
+        if outcome.error is None:
             return
         try:
-            results = self.backend.ack_many([job for job, _ in batch])
-        except Exception:  # the leases lapse and the jobs run again: at least once
+            self._failed(outcome.job, outcome.error, outcome.duration)
+        except BackendUnavailable:
+            raise
+        except Exception:  # not an outage: the lease lapses and the job runs again
             logger.warning(
-                "acking %d jobs failed; they will be re-delivered", len(batch), exc_info=True
+                "recording the failure of job %s failed; it runs again once its lease lapses",
+                outcome.job.id,
+                exc_info=True,
+            )
+
+    def _acked(self, completed: list[_Outcome]) -> None:
+        """Ack completed jobs in one round trip; an outage raises BackendUnavailable."""
+        try:
+            results = self.backend.ack_many([o.job for o in completed])
+        except BackendUnavailable:
+            raise
+        except Exception:  # not an outage: the leases lapse and the jobs run again
+            logger.warning(
+                "acking %d jobs failed; they will be re-delivered", len(completed), exc_info=True
             )
             return
-        for (job, duration), done in zip(batch, results, strict=True):
+        for outcome, done in zip(completed, results, strict=True):
             if done is None:
-                logger.warning("job %s finished after its lease was lost; not acked", job.id)
-                self._count(job, "lost", duration)
+                logger.warning(
+                    "job %s finished after its lease was lost; not acked", outcome.job.id
+                )
+                self._count(outcome.job, "lost", outcome.duration)
             else:
-                self._count(job, "completed", duration)
+                self._count(outcome.job, "completed", outcome.duration)
                 _guard(self.on_success, done)
+
+    def _leftovers(self, held: _Held) -> list[Job]:
+        """At shutdown: the held jobs still running, which the caller releases.
+
+        Outcomes the store never took are left to lapse: releasing a finished job would run it
+        again at once.
+        """
+        unrecorded = held.waiting_outcomes()
+        if unrecorded:
+            logger.warning(
+                "%d finished jobs could not be recorded before shutdown; they run again once "
+                "their leases lapse",
+                unrecorded,
+            )
+        return held.running()
 
     # --- the thread driver ---------------------------------------------------------------
 
@@ -487,12 +526,11 @@ class QueueProcessor:
     def _run_threads(self, *, until_empty: bool) -> int:
         # ``_stop`` is cleared when a run ends, not when it starts: a stop() that comes
         # before the worker thread gets here must not be lost
-        inflight: dict[str, Job] = {}
-        lock = threading.Lock()
+        held = _Held()
         beat_stop = threading.Event()
         beat = threading.Thread(
             target=self._heartbeats,
-            args=(inflight, lock, beat_stop),
+            args=(held, beat_stop),
             daemon=True,
             name=f"hardening-heartbeat-{self.queue_name}",
         )
@@ -501,7 +539,6 @@ class QueueProcessor:
             self.options.concurrency, thread_name_prefix=f"hardening-{self.queue_name}"
         )
         futures: set[Future[None]] = set()
-        finished: list[tuple[Job, float]] = []
         attempts = 0
         idle = _Idle(self.options.poll_interval)
         try:
@@ -510,13 +547,12 @@ class QueueProcessor:
                 futures = {f for f in futures if not f.done()}
                 free = self.options.concurrency - len(futures)
                 claim = self._should_claim(free, len(futures))
-                if claim or not futures:  # ack in batches, at the pace of the claims
-                    self._ack_finished(finished, lock)
+                if claim or not futures:  # record in batches, at the pace of the claims
+                    self._record(held)
                 jobs = self._claim(free, idle) if claim else []
                 for job in jobs:
-                    with lock:
-                        inflight[job.id] = job
-                    futures.add(pool.submit(self._run_sync_job, job, inflight, lock, finished))
+                    held.add(job)
+                    futures.add(pool.submit(self._run_sync_job, job, held))
                 attempts += len(jobs)
                 if jobs:
                     continue
@@ -528,10 +564,8 @@ class QueueProcessor:
                     self._stop.wait(idle.next())
         finally:
             wait(futures, timeout=self.options.shutdown_grace)
-            self._ack_finished(finished, lock)
-            with lock:
-                leftovers = list(inflight.values())
-            for job in leftovers:  # still running after the grace period: give them back
+            self._record(held)
+            for job in self._leftovers(held):  # still running after the grace: give them back
                 with contextlib.suppress(Exception):
                     self.backend.release(job)
                 logger.warning("released job %s still running at shutdown", job.id)
@@ -569,24 +603,21 @@ class QueueProcessor:
         idle.reset()  # the backend answered: back to the normal poll interval
         return jobs
 
-    def _heartbeats(
-        self, inflight: dict[str, Job], lock: threading.Lock, stop: threading.Event
-    ) -> None:
+    def _heartbeats(self, held: _Held, stop: threading.Event) -> None:
         while not stop.wait(self.options.heartbeat):
-            self._beat(inflight, lock)
+            self._beat(held)
 
-    def _beat(self, inflight: dict[str, Job], lock: threading.Lock) -> None:
-        with lock:
-            jobs = list(inflight.values())
+    def _beat(self, held: _Held) -> None:
+        jobs = held.jobs()
         if not jobs:
             return
         try:
-            held = self.backend.heartbeat(self.queue_name, jobs, self.options.lease)
+            renewed = self.backend.heartbeat(self.queue_name, jobs, self.options.lease)
         except Exception:
             logger.warning("heartbeat failed; leases may lapse", exc_info=True)
             return
-        with lock:  # a job finished meanwhile is no longer running: not a lost lease
-            lost = [job.id for job in jobs if job.id not in held and job.id in inflight]
+        # a job recorded meanwhile is no longer held: not a lost lease
+        lost = [job.id for job in jobs if job.id not in renewed and held.holds(job.id)]
         for job_id in lost:
             logger.warning("lost the lease on job %s (it may run again elsewhere)", job_id)
 
@@ -618,7 +649,7 @@ class QueueProcessor:
         """The asyncio twin of :meth:`run_until_empty`."""
         return await self._run_tasks(until_empty=True)
 
-    async def _run_async_job(self, job: Job, inflight: dict[str, Job]) -> None:
+    async def _run_async_job(self, job: Job, held: _Held) -> None:
         start = time.perf_counter()
         try:
             await asyncio.to_thread(self._wait_for_rate_limit)
@@ -627,15 +658,15 @@ class QueueProcessor:
             else:
                 await asyncio.to_thread(self.process, job)
         except Exception as exc:
-            await asyncio.to_thread(self._failed, job, exc, time.perf_counter() - start)
+            held.finished(_Outcome(job, time.perf_counter() - start, exc))
+        except BaseException:
+            held.drop(job)
+            raise
         else:
-            await asyncio.to_thread(self._succeeded, job, time.perf_counter() - start)
-        finally:
-            inflight.pop(job.id, None)
+            held.finished(_Outcome(job, time.perf_counter() - start, None))
 
     async def _run_tasks(self, *, until_empty: bool) -> int:
-        inflight: dict[str, Job] = {}
-        lock = threading.Lock()
+        held = _Held()
         tasks: set[asyncio.Task[None]] = set()
         attempts = 0
         idle = _Idle(self.options.poll_interval)
@@ -643,7 +674,7 @@ class QueueProcessor:
         async def beats() -> None:
             while True:
                 await asyncio.sleep(self.options.heartbeat)
-                await asyncio.to_thread(self._beat, dict(inflight), lock)
+                await asyncio.to_thread(self._beat, held)
 
         beater = asyncio.create_task(beats())
         try:
@@ -652,10 +683,12 @@ class QueueProcessor:
                 tasks = {t for t in tasks if not t.done()}
                 free = self.options.concurrency - len(tasks)
                 claim = self._should_claim(free, len(tasks))
+                if (claim or not tasks) and held.waiting_outcomes():
+                    await asyncio.to_thread(self._record, held)
                 jobs = await asyncio.to_thread(self._claim, free, idle) if claim else []
                 for job in jobs:
-                    inflight[job.id] = job
-                    tasks.add(asyncio.create_task(self._run_async_job(job, inflight)))
+                    held.add(job)
+                    tasks.add(asyncio.create_task(self._run_async_job(job, held)))
                 attempts += len(jobs)
                 if jobs:
                     continue
@@ -670,7 +703,8 @@ class QueueProcessor:
         finally:
             if tasks:
                 await asyncio.wait(tasks, timeout=self.options.shutdown_grace)
-            for job in list(inflight.values()):
+            await asyncio.to_thread(self._record, held)
+            for job in self._leftovers(held):
                 with contextlib.suppress(Exception):
                     await asyncio.to_thread(self.backend.release, job)
                 logger.warning("released job %s still running at shutdown", job.id)
@@ -689,6 +723,77 @@ class QueueProcessor:
     def __repr__(self) -> str:
         backend = type(self.backend).__name__
         return f"{type(self).__name__}(queue={self.queue_name!r}, backend={backend})"
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """A finished attempt whose outcome the store has not recorded yet."""
+
+    job: Job
+    duration: float
+    error: Exception | None  # None: it completed
+
+
+class _Held:
+    """The jobs a worker holds leases on: running ones, and finished ones not yet recorded.
+
+    Shared by the worker loop, the jobs (threads or tasks) and the heartbeats, under one lock.
+    A job is held from its claim until its outcome is stored (or it is released at shutdown),
+    so the heartbeats keep its lease while an outage delays the recording.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: dict[str, Job] = {}
+        self._outcomes: list[_Outcome] = []
+
+    def add(self, job: Job) -> None:
+        with self._lock:
+            self._jobs[job.id] = job
+
+    def drop(self, job: Job) -> None:
+        with self._lock:
+            self._jobs.pop(job.id, None)
+
+    def finished(self, outcome: _Outcome) -> None:
+        """The attempt is over; the job stays held until the loop records the outcome."""
+        with self._lock:
+            self._outcomes.append(outcome)
+
+    def take_outcomes(self) -> list[_Outcome]:
+        """Every outcome waiting; their jobs are no longer held.
+
+        A heartbeat from now on must not call them lost: their outcomes are being stored.
+        """
+        with self._lock:
+            batch, self._outcomes = self._outcomes, []
+            for outcome in batch:
+                self._jobs.pop(outcome.job.id, None)
+        return batch
+
+    def keep(self, outcomes: list[_Outcome]) -> None:
+        """Outcomes the store could not take: held again, first in line for the next pass."""
+        with self._lock:
+            self._outcomes[:0] = outcomes
+            for outcome in outcomes:
+                self._jobs[outcome.job.id] = outcome.job
+
+    def waiting_outcomes(self) -> int:
+        return len(self._outcomes)
+
+    def jobs(self) -> list[Job]:
+        with self._lock:
+            return list(self._jobs.values())
+
+    def holds(self, job_id: str) -> bool:
+        with self._lock:
+            return job_id in self._jobs
+
+    def running(self) -> list[Job]:
+        """The held jobs whose attempt is not over."""
+        with self._lock:
+            finished = {outcome.job.id for outcome in self._outcomes}
+            return [job for job in self._jobs.values() if job.id not in finished]
 
 
 class _Idle:

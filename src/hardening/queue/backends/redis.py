@@ -220,12 +220,18 @@ class RedisBackend:
     def enqueue(self, job: NewJob, *, session: object | None = None) -> Job:
         """Store a new job, or return the waiting one with the same ``dedupe_key``.
 
+        Idempotent per job id: the client resends a script whose reply was lost, and a job
+        that the first run stored (and a worker may have claimed since) is left as it is.
+
         Args:
             job: the validated, encoded job.
             session: ignored (a SQL transaction cannot include Redis).
 
         Returns:
             The stored (or deduplicated) job.
+
+        Raises:
+            BackendUnavailable: Redis could not be reached or did not answer in time.
         """
         reply = self._run(
             "enqueue",
