@@ -344,3 +344,48 @@ def test_queue_rate_limit_is_shared_across_workers(redis_client: Any, redis_pref
     assert second._limiter is not None
     assert not second._limiter.peek(Limited.queue).allowed  # the other worker used it up
     first._limiter.reset(Limited.queue)
+
+
+@pytest.mark.slow
+def test_100k_due_jobs_never_block_redis_for_50ms(
+    backend: RedisBackend, redis_client: redis.Redis, redis_prefix: str, clock: FakeClock
+) -> None:
+    """100,000 delayed jobs fall due at once: every claim stays short (SLOWLOG), none lost."""
+    now = clock.time()
+    keys, job_prefix = backend.queue_keys(QUEUE), backend._job_prefix(QUEUE)
+    enqueue = backend._scripts["enqueue"]
+    pipe = redis_client.pipeline(transaction=False)
+    for n in range(100_000):
+        args = [job_prefix, repr(now), new_job_id(), QUEUE, "{}", "0", repr(now + 60)]
+        enqueue(keys=keys, args=[*args, repr(now), "3", "0", ""], client=pipe)
+        if n % 5_000 == 4_999:
+            pipe.execute()
+    pipe.execute()
+    assert backend.stats(QUEUE).delayed == 100_000
+    threshold = redis_client.config_get("slowlog-log-slower-than")["slowlog-log-slower-than"]
+    length = redis_client.config_get("slowlog-max-len")["slowlog-max-len"]
+    redis_client.config_set("slowlog-log-slower-than", 100)  # every claim is recorded
+    redis_client.config_set("slowlog-max-len", 10_000)
+    redis_client.slowlog_reset()
+    clock.advance(61)
+    claimed = 0
+    try:
+        for _ in range(200):
+            jobs = backend.claim(QUEUE, worker="w", limit=1000, lease=3600)
+            claimed += len(jobs)
+            if not jobs:
+                break
+        entries = redis_client.slowlog_get(10_000)
+    finally:
+        redis_client.config_set("slowlog-log-slower-than", threshold)
+        redis_client.config_set("slowlog-max-len", length)
+    assert claimed == 100_000
+    marker = redis_prefix.rstrip(":").encode()
+    claims = [
+        e
+        for e in entries
+        if bytes(e["command"]).startswith(b"EVALSHA") and marker in bytes(e["command"])
+    ]
+    assert len(claims) >= 100
+    longest = max(entry["duration"] for entry in claims)
+    assert longest < 50_000, f"a claim took {longest / 1000:.1f} ms"

@@ -147,3 +147,28 @@ def test_url_builds_an_owned_engine(tmp_path: object) -> None:
     proc.enqueue({"x": 1})
     assert proc.run_until_empty() == 1
     backend.close()
+
+
+def test_create_schema_replaces_the_old_dedupe_index(sql_engine: sa.Engine) -> None:
+    """A table made by an earlier version loses the index a retry could violate."""
+    from hardening.queue.job import JobError
+    from tests.queue.conftest import new_job
+
+    clock = FakeClock()
+    backend = SQLBackend(sql_engine, clock=clock)
+    backend.create_schema()
+    with sql_engine.begin() as conn:  # what earlier versions created
+        conn.execute(
+            sa.text(
+                "CREATE UNIQUE INDEX hardening_jobs_dedupe_idx ON hardening_jobs (queue, "
+                "dedupe_key) WHERE state IN ('waiting', 'retrying') AND dedupe_key IS NOT NULL"
+            )
+        )
+    backend.create_schema()
+    names = {index["name"] for index in sa.inspect(sql_engine).get_indexes("hardening_jobs")}
+    assert "hardening_jobs_dedupe_idx" not in names
+    assert "hardening_jobs_dedupe_waiting_idx" in names
+    backend.enqueue(new_job("q", now=clock.time(), dedupe_key="k"))
+    (running,) = backend.claim("q", worker="w", limit=1, lease=30)
+    backend.enqueue(new_job("q", now=clock.time(), dedupe_key="k"))
+    assert backend.fail(running, JobError("E", "x"), retry_at=clock.time()).state == "retrying"

@@ -80,6 +80,9 @@ _UNAVAILABLE = (
 )
 
 
+_STEP = 1000  # the most jobs one script call touches (claim.lua and common.lua say the same)
+
+
 def _number(value: float) -> str:
     """A time as text that round-trips exactly (``repr``), for Redis scores and the hashes."""
     return repr(float(value))
@@ -445,11 +448,18 @@ class RedisBackend:
         return self._by_ids("purge_dead", queue, job_ids)
 
     def _by_ids(self, script: str, queue: str, job_ids: Sequence[str] | None) -> int:
-        if job_ids is None:
-            return int(self._run(script, queue, "1"))
-        if not job_ids:
-            return 0
-        return int(self._run(script, queue, "0", *job_ids))
+        """Run a dead-letter script over ids in steps of at most :data:`_STEP` jobs."""
+        done = 0
+        if job_ids is None:  # every dead job: as many steps as there were dead jobs at the start
+            for _ in range(self.stats(queue).dead // _STEP + 1):
+                count = int(self._run(script, queue, "1"))
+                done += count
+                if count < _STEP:
+                    break
+            return done
+        for start in range(0, len(job_ids), _STEP):
+            done += int(self._run(script, queue, "0", *job_ids[start : start + _STEP]))
+        return done
 
     def cleanup(self, queue: str, *, older_than: float) -> int:
         """Delete completed and dead jobs that finished more than ``older_than`` seconds ago.

@@ -12,13 +12,14 @@ is committed together with the change that caused it, or not at all.
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
 from hardening._clock import Clock, SystemClock
 from hardening._imports import require
-from hardening._sql import sql_unavailable
+from hardening._sql import sql_unavailable, unavailable_from
 from hardening.errors import ConfigurationError, LeaseLost
 from hardening.queue.backends.base import LEASE_EXPIRED, ack_each
 from hardening.queue.job import (
@@ -35,13 +36,22 @@ require("sqlalchemy", extra="sqlalchemy", feature="the SQL queue backend")
 
 import sqlalchemy as sa  # noqa: E402
 
-__all__ = ["SQLBackend", "jobs_table"]
+__all__ = ["RECOVER_BATCH", "SQLBackend", "jobs_table"]
+
+logger = logging.getLogger("hardening.queue")
 
 _CLEANUP_CHUNK = 5000
+RECOVER_BATCH = 1000
+"""The most lapsed leases one claim recovers: a statement's work is bounded however many
+workers died at once (the rest are recovered by the next claims)."""
 
 
-# the dedupe index's predicate; ``enqueue`` repeats it, as constants, in ON CONFLICT
-_DEDUPE_WHERE = "state IN ('waiting', 'retrying') AND dedupe_key IS NOT NULL"
+# the dedupe index's predicate; ``enqueue`` repeats it, as constants, in ON CONFLICT. Only a
+# job that waits and was never claimed holds its key (as on memory and Redis, where a claim
+# lets go of it): no state change can enter this set, only an insert, which ON CONFLICT
+# guards, so no retry, recovery, release or requeue can ever violate the unique index.
+_DEDUPE_WHERE = "state = 'waiting' AND started_at IS NULL AND dedupe_key IS NOT NULL"
+_OLD_DEDUPE_INDEX = "{name}_dedupe_idx"  # held retrying jobs too: a retry could violate it
 
 
 def jobs_table(
@@ -56,8 +66,9 @@ def jobs_table(
 
     Returns:
         The table, with its partial indexes: ready jobs by priority, running jobs by lease
-        expiry, finished jobs by finish time, and a unique deduplication key among waiting
-        jobs.
+        expiry, finished jobs by finish time, and a unique deduplication key among jobs
+        that wait and were never claimed (``<name>_dedupe_waiting_idx``; it replaces the
+        earlier ``<name>_dedupe_idx``, which :meth:`SQLBackend.create_schema` drops).
     """
     ready = sa.text("state IN ('waiting', 'retrying')")
     table = sa.Table(
@@ -107,7 +118,7 @@ def jobs_table(
     )
     dedupe = sa.text(_DEDUPE_WHERE)
     sa.Index(
-        f"{name}_dedupe_idx",
+        f"{name}_dedupe_waiting_idx",
         table.c.queue,
         table.c.dedupe_key,
         unique=True,
@@ -160,9 +171,19 @@ class SQLBackend:
     def create_schema(self) -> None:
         """Create the table and its indexes if they do not exist.
 
+        An existing table's dedupe index of earlier versions (``<name>_dedupe_idx``, which
+        also covered retrying jobs, so that a retry could violate it) is dropped, and the
+        current one created.
+
         Raises:
             BackendUnavailable: the database could not be reached or timed out.
         """
+        quote = self.engine.dialect.identifier_preparer
+        old = quote.quote(_OLD_DEDUPE_INDEX.format(name=self.table.name))
+        if self.table.schema:
+            old = f"{quote.quote_schema(self.table.schema)}.{old}"
+        with self.engine.begin() as conn:
+            conn.execute(sa.text(f"DROP INDEX IF EXISTS {old}"))
         self.metadata.create_all(self.engine)
 
     @sql_unavailable
@@ -334,7 +355,8 @@ class SQLBackend:
                 sa.select(self.table).where(
                     self.table.c.queue == job.queue,
                     self.table.c.dedupe_key == job.dedupe_key,
-                    self.table.c.state.in_(READY_STATES),
+                    self.table.c.state == "waiting",
+                    self.table.c.started_at.is_(None),
                 ),
             ).first()
             if existing is not None:
@@ -389,15 +411,50 @@ class SQLBackend:
         return jobs
 
     def _recover(self, queue: str, now: float) -> None:
+        """Retry or dead-letter lapsed leases: at most :data:`RECOVER_BATCH` per call.
+
+        One statement for the batch; should it fail for anything but an outage (a row the
+        database refuses), the batch is redone row by row, each in its own transaction, and a
+        row that still fails is logged and skipped: one bad row never stops the claims.
+        """
         t = self.table
         where = (t.c.queue == queue, t.c.state == "running", t.c.lease_expires_at <= now)
         with self._single.connect() as conn:  # the common case: nothing lapsed, one query
             if conn.execute(self._lapsed, {"p_queue": queue, "p_now": now}).first() is None:
                 return
-        lapsed = sa.select(t.c.id).where(*where).with_for_update(skip_locked=True)
+        lapsed = (
+            sa.select(t.c.id)
+            .where(*where)
+            .order_by(t.c.lease_expires_at)
+            .limit(RECOVER_BATCH)
+            .with_for_update(skip_locked=True)
+        )
         error = json.dumps(LEASE_EXPIRED.to_dict())
-        with self.engine.begin() as conn:  # the lapsed rows and their history: one transaction
-            self._recover_in(conn, lapsed, error, now)
+        try:
+            with self.engine.begin() as conn:  # the lapsed rows and their history: one transaction
+                self._recover_in(conn, lapsed, error, now)
+            return
+        except sa.exc.SQLAlchemyError as exc:
+            if unavailable_from(exc) is not None:
+                raise
+            logger.warning("recovering lapsed leases of %r failed; row by row", queue, exc_info=exc)
+        with self._single.connect() as conn:
+            ids = [
+                row.id for row in conn.execute(sa.select(t.c.id).where(*where).limit(RECOVER_BATCH))
+            ]
+        for job_id in ids:
+            one = (
+                sa.select(t.c.id).where(t.c.id == job_id, *where).with_for_update(skip_locked=True)
+            )
+            try:
+                with self.engine.begin() as conn:
+                    self._recover_in(conn, one, error, now)
+            except sa.exc.SQLAlchemyError as exc:
+                if unavailable_from(exc) is not None:
+                    raise
+                logger.error(
+                    "job %s: its lapsed lease cannot be recovered; skipped", job_id, exc_info=exc
+                )
 
     def _recover_in(self, conn: sa.Connection, lapsed: Any, error: str, now: float) -> None:
         t = self.table

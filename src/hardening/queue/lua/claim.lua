@@ -3,11 +3,15 @@
 -- ARGV[3] lease expiry for the new claims, ARGV[4] limit, ARGV[5] the worker as JSON text,
 -- ARGV[6] the LeaseExpired error as JSON text, ARGV[7] a random token prefix (unique per call)
 -- Returns one HGETALL per claimed job.
-local expires, limit, worker = ARGV[3], tonumber(ARGV[4]), ARGV[5]
+local expires, limit, worker = ARGV[3], math.min(tonumber(ARGV[4]), 1000), ARGV[5]
 local lapsed_error, token_prefix = ARGV[6], ARGV[7]
 
+-- Each step takes at most STEP jobs: one call's work is bounded however many leases lapsed
+-- or delayed jobs fell due at once (the next claims take the rest).
+local STEP = 1000
+
 -- 1. leases that lapsed: their worker died or stalled; the lost attempt counts
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', K_RUNNING, '-inf', NOW_TEXT)) do
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', K_RUNNING, '-inf', NOW_TEXT, 'LIMIT', 0, STEP)) do
   local key = JOB .. id
   local h = redis.call('HMGET', key, 'attempts', 'max_attempts', 'state')
   if h[3] ~= 'running' then  -- never left behind by these scripts; dropped if found
@@ -23,7 +27,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', K_RUNNING, '-inf', NOW_TEXT)) do
 end
 
 -- 2. delayed jobs now due
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', K_DELAYED, '-inf', NOW_TEXT)) do
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', K_DELAYED, '-inf', NOW_TEXT, 'LIMIT', 0, STEP)) do
   local h = redis.call('HMGET', JOB .. id, 'priority', 'run_at', 'seq')
   if h[1] then ready_add(id, h[1], h[2], h[3]) end
   redis.call('ZREM', K_DELAYED, id)
