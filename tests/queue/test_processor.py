@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from hardening import ConfigurationError
+from hardening import ConfigurationError, FakeClock
 from hardening.queue import Job, MemoryBackend, QueueProcessor
 
 
@@ -55,11 +55,12 @@ class Blocking(QueueProcessor):
         self.release.wait(10)
 
 
-def test_graceful_shutdown_releases_unfinished_jobs() -> None:
-    """On stop: no new claims; quick jobs finish; jobs still running after the grace period
-    are released back to waiting with their attempt uncounted."""
-    backend = MemoryBackend()
-    proc = Blocking(backend)
+def test_graceful_shutdown_never_hands_back_a_running_job() -> None:
+    """On stop: no new claims, quick jobs finish; a handler still running after the grace
+    keeps its job leased (never handed back), so no second worker starts it meanwhile."""
+    clock = FakeClock()
+    backend = MemoryBackend(clock=clock)
+    proc = Blocking(backend, clock=clock, lease=30)
     slow = proc.enqueue("slow")
     worker = threading.Thread(target=proc.run, kwargs={"install_signal_handlers": False})
     worker.start()
@@ -69,10 +70,68 @@ def test_graceful_shutdown_releases_unfinished_jobs() -> None:
     proc.stop()
     worker.join(timeout=10)
     assert not worker.is_alive()
-    released = backend.get("blocking", slow.id)
-    assert released is not None
-    assert (released.state, released.attempts) == ("waiting", 0)
-    proc.release.set()
+    held = backend.get("blocking", slow.id)
+    assert held is not None
+    assert (held.state, held.attempts) == ("running", 1)
+    assert backend.claim("blocking", worker="other", limit=10, lease=30) == []  # no overlap
+    proc.release.set()  # the handler ends in the stopped process; nothing records it
+    clock.advance(31)
+    (again,) = backend.claim("blocking", worker="other", limit=10, lease=30)
+    assert (again.id, again.attempts) == (slow.id, 2)
+    assert [a.outcome for a in again.history] == ["lost", "running"]
+
+
+def test_async_shutdown_hands_back_cancelled_handlers_only() -> None:
+    """The asyncio driver cancels ``async def`` handlers after the grace and hands their jobs
+    back (nothing runs them any more); a sync handler in its thread keeps its job leased."""
+    import asyncio
+
+    class Stuck(QueueProcessor):
+        queue = "stuck"
+        shutdown_grace = 0.1
+        poll_interval = 0.01
+        concurrency = 2
+
+        async def process(self, job: Job) -> None:
+            await asyncio.sleep(3600)
+
+    class StuckSync(QueueProcessor):
+        queue = "stucksync"
+        shutdown_grace = 0.1
+        poll_interval = 0.01
+        gate = threading.Event()
+
+        def process(self, job: Job) -> None:
+            self.gate.wait(10)
+
+    backend = MemoryBackend()
+    cancelled, in_thread = Stuck(backend), StuckSync(backend)
+    first = cancelled.enqueue("x")
+    second = in_thread.enqueue("y")
+
+    stopped = threading.Event()
+
+    async def main(proc: QueueProcessor) -> None:
+        task = asyncio.create_task(proc.arun(install_signal_handlers=False))
+        while proc.stats().running < 1:
+            await asyncio.sleep(0.01)
+        proc.stop()
+        await asyncio.wait_for(task, 10)
+        stopped.set()  # asyncio.run then waits for the executor's threads
+
+    asyncio.run(main(cancelled))
+    handed_back = backend.get("stuck", first.id)
+    stopped.clear()
+    runner = threading.Thread(target=asyncio.run, args=(main(in_thread),))
+    runner.start()
+    assert stopped.wait(10)
+    kept = backend.get("stucksync", second.id)
+    StuckSync.gate.set()
+    runner.join(10)
+    assert handed_back is not None
+    assert kept is not None
+    assert (handed_back.state, handed_back.attempts) == ("waiting", 0)
+    assert (kept.state, kept.attempts) == ("running", 1)
 
 
 def test_async_worker_stops_on_request() -> None:

@@ -485,8 +485,12 @@ class QueueProcessor:
     def run(self, *, install_signal_handlers: bool = True) -> None:
         """Work until :meth:`stop` (or SIGTERM/SIGINT): claim, process, ack; blocking.
 
-        On stop, no new jobs are claimed, in-flight jobs get ``shutdown_grace`` seconds, and
-        any still running then are released back to the queue at once.
+        On stop, no new jobs are claimed and in-flight jobs get ``shutdown_grace`` seconds,
+        their leases renewed meanwhile. A job whose handler is still running then is never
+        handed back (another worker would start it while it runs): its lease lapses and it
+        runs again elsewhere, its attempt counted as lost. (The asyncio driver cancels
+        ``async def`` handlers after the grace and hands back the jobs whose handlers
+        stopped.)
 
         Args:
             install_signal_handlers: handle SIGTERM and SIGINT (main thread only).
@@ -563,12 +567,18 @@ class QueueProcessor:
                 else:
                     self._stop.wait(idle.next())
         finally:
+            # the heartbeats go on renewing the leases while the handlers finish
             wait(futures, timeout=self.options.shutdown_grace)
             self._record(held)
-            for job in self._leftovers(held):  # still running after the grace: give them back
-                with contextlib.suppress(Exception):
-                    self.backend.release(job)
-                logger.warning("released job %s still running at shutdown", job.id)
+            for job in self._leftovers(held):
+                # a thread cannot be stopped: handing its job back would let another worker
+                # start it while this handler still runs. Its lease lapses instead.
+                logger.warning(
+                    "job %s still running after the %.0f s shutdown grace; left leased, it "
+                    "runs again elsewhere once its lease lapses",
+                    job.id,
+                    self.options.shutdown_grace,
+                )
             beat_stop.set()
             pool.shutdown(wait=False, cancel_futures=True)
             self._report_depth(force=True)
@@ -659,6 +669,11 @@ class QueueProcessor:
                 await asyncio.to_thread(self.process, job)
         except Exception as exc:
             held.finished(_Outcome(job, time.perf_counter() - start, exc))
+        except asyncio.CancelledError:
+            if self._async:  # the handler itself stopped: its job may be handed back
+                held.stopped(job)
+            # a sync handler goes on in its thread: the job stays held, never handed back
+            raise
         except BaseException:
             held.drop(job)
             raise
@@ -703,13 +718,25 @@ class QueueProcessor:
         finally:
             if tasks:
                 await asyncio.wait(tasks, timeout=self.options.shutdown_grace)
+            running = [task for task in tasks if not task.done()]
+            for task in running:  # past the grace: stop the handlers first...
+                task.cancel()
+            if running:
+                await asyncio.wait(running, timeout=_CANCEL_GRACE)
             await asyncio.to_thread(self._record, held)
+            stopped = held.stopped_ids()
             for job in self._leftovers(held):
+                if job.id not in stopped:  # a sync handler in its thread, or one that ignored
+                    logger.warning(  # its cancellation: another worker must not start it now
+                        "job %s still running at shutdown; left leased, it runs again "
+                        "elsewhere once its lease lapses",
+                        job.id,
+                    )
+                    continue
+                # ...then hand back the jobs whose handlers have stopped: none still runs
                 with contextlib.suppress(Exception):
                     await asyncio.to_thread(self.backend.release, job)
-                logger.warning("released job %s still running at shutdown", job.id)
-            for task in tasks:
-                task.cancel()
+                logger.warning("released job %s, cancelled at shutdown", job.id)
             beater.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await beater
@@ -723,6 +750,9 @@ class QueueProcessor:
     def __repr__(self) -> str:
         backend = type(self.backend).__name__
         return f"{type(self).__name__}(queue={self.queue_name!r}, backend={backend})"
+
+
+_CANCEL_GRACE = 1.0  # seconds a cancelled handler gets to unwind before its job is judged
 
 
 @dataclass(frozen=True, slots=True)
@@ -746,6 +776,7 @@ class _Held:
         self._lock = threading.Lock()
         self._jobs: dict[str, Job] = {}
         self._outcomes: list[_Outcome] = []
+        self._stopped: set[str] = set()
 
     def add(self, job: Job) -> None:
         with self._lock:
@@ -754,6 +785,16 @@ class _Held:
     def drop(self, job: Job) -> None:
         with self._lock:
             self._jobs.pop(job.id, None)
+
+    def stopped(self, job: Job) -> None:
+        """The job's handler was cancelled and has stopped: it may be handed back."""
+        with self._lock:
+            self._stopped.add(job.id)
+
+    def stopped_ids(self) -> set[str]:
+        """The jobs whose handlers were cancelled and stopped."""
+        with self._lock:
+            return set(self._stopped)
 
     def finished(self, outcome: _Outcome) -> None:
         """The attempt is over; the job stays held until the loop records the outcome."""
