@@ -420,3 +420,27 @@ def test_ack_many_acks_held_jobs_and_reports_lost_ones(
         assert stored.history[-1].outcome == "completed"
     assert backend.ack_many(rest) == [None] * 4  # once only
     assert backend.ack_many([]) == []
+
+
+def test_crash_deaths_call_the_hooks_and_count(
+    make_processor: Make, backend: QueueBackend, clock: FakeClock
+) -> None:
+    """Jobs whose worker died: the worker that finds them calls on_failure / on_dead and
+    counts them, as for any other failure or death."""
+    metrics = Metrics()
+    proc = make_processor(Recorder, max_attempts=1)
+    proc.metrics = metrics
+    doomed = proc.enqueue("crashes its worker")
+    survivor = make_processor(Recorder, max_attempts=2).enqueue("crashes once")
+    claimed = backend.claim("contract", worker="crashed", limit=10, lease=5)
+    assert {job.id for job in claimed} == {doomed.id, survivor.id}
+    clock.advance(6)  # the crashed worker's leases lapse
+    assert proc.run_until_empty() == 1  # the survivor runs again; the doomed one is dead
+    assert proc.dead == [doomed.id]
+    assert sorted(job_id for job_id, _ in proc.failures) == sorted([doomed.id, survivor.id])
+    assert proc.succeeded == [survivor.id]
+    sample = metrics.registry.get_sample_value
+    assert sample("hardening_jobs_dead_lettered_total", {"queue": "contract"}) == 1
+    assert sample("hardening_jobs_total", {"queue": "contract", "outcome": "lost"}) == 2
+    (dead,) = backend.dead_letters("contract")
+    assert dead.id == doomed.id

@@ -4,7 +4,7 @@
 ``MemoryBackend`` (embedded), ``SQLBackend`` (PostgreSQL, SQLite) and ``RedisBackend``.
 """
 
-from hardening.queue.backends.base import QueueBackend
+from hardening.queue.backends.base import QueueBackend, RecoveringBackend
 from hardening.queue.backends.memory import MemoryBackend
 from hardening.queue.job import Attempt, Job, JobError, JobState, QueueStats
 from hardening.queue.processor import QueueOptions, QueueProcessor, backend_from_url
@@ -19,5 +19,6 @@ __all__ = [
     "QueueOptions",
     "QueueProcessor",
     "QueueStats",
+    "RecoveringBackend",
     "backend_from_url",
 ]

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from hardening._backoff import Backoff
 from hardening._clock import Clock, SystemClock, to_seconds
 from hardening.errors import BackendUnavailable, ConfigurationError, JobRejected, LeaseLost
+from hardening.queue.backends.base import RecoveringBackend
 from hardening.queue.job import Job, JobError, NewJob, QueueStats, encode_payload, new_job_id
 
 if TYPE_CHECKING:
@@ -599,7 +600,38 @@ class QueueProcessor:
             return True
         return False
 
+    def _recover(self) -> None:
+        """Recover a crashed worker's jobs before claiming, and report each one.
+
+        Every death gets its hooks and metrics whichever process discovers it: the lost
+        attempt is counted (``lost``), ``on_failure`` runs with a :class:`~hardening.LeaseLost`,
+        and a job out of attempts is dead-lettered with ``on_dead`` and the dead-letter count.
+        """
+        backend = self.backend
+        if not isinstance(backend, RecoveringBackend):
+            return
+        try:
+            recovered = backend.recover(self.queue_name)
+        except Exception:  # the claim that follows meets the same trouble and reports it
+            return
+        for job in recovered:
+            exc = LeaseLost(job.id, queue=job.queue)
+            self._count(job, "lost", 0.0)
+            _guard(self.on_failure, job, exc)
+            if job.state == "dead":
+                logger.error(
+                    "job %s dead-lettered after %d attempts, the last lost with its worker",
+                    job.id,
+                    job.attempts,
+                )
+                if self.metrics is not None:
+                    self.metrics.job_dead_lettered(self.queue_name)
+                _guard(self.on_dead, job, exc)
+            else:
+                logger.warning("job %s lost its worker; it runs again", job.id)
+
     def _claim(self, free: int, idle: _Idle) -> list[Job]:
+        self._recover()
         try:
             jobs = self.backend.claim(
                 self.queue_name, worker=self.worker_id, limit=free, lease=self.options.lease

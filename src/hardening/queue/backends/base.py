@@ -114,6 +114,24 @@ class QueueBackend(Protocol):
         ...
 
 
+@runtime_checkable
+class RecoveringBackend(Protocol):
+    """A backend that can recover lapsed leases on their own and say which jobs it recovered.
+
+    Every backend recovers lapsed leases inside ``claim``; one that also offers ``recover``
+    lets the worker that finds a crashed worker's jobs call ``on_failure`` / ``on_dead`` and
+    count them, whichever process that is. The built-in backends all do.
+    """
+
+    def recover(self, queue: str, *, limit: int = 1000) -> list[Job]:
+        """Retry or dead-letter up to ``limit`` jobs whose lease lapsed.
+
+        Returns:
+            The recovered jobs as they are now (``retrying`` or ``dead``).
+        """
+        ...
+
+
 def _or_none(ack: Callable[[Job], Job], job: Job) -> Job | None:
     try:
         return ack(job)

@@ -77,7 +77,8 @@ class MemoryBackend:
             self._schedule(queue, stored, self.clock.time())
             return stored
 
-    def _recover(self, queue: _Queue, now: float) -> None:
+    def _recover(self, queue: _Queue, now: float) -> list[Job]:
+        recovered: list[Job] = []
         for job in [j for j in queue.running.values() if (j.lease_expires_at or 0) <= now]:
             del queue.running[job.id]
             attempt = job.history[-1]
@@ -105,6 +106,21 @@ class MemoryBackend:
                 )
                 queue.jobs[job.id] = again
                 self._schedule(queue, again, now)
+            recovered.append(queue.jobs[job.id])
+        return recovered
+
+    def recover(self, queue: str, *, limit: int = 1000) -> list[Job]:
+        """Retry or dead-letter the jobs whose lease lapsed; return them as they are now.
+
+        Args:
+            queue: the queue.
+            limit: ignored (in process, recovering every lapsed job is cheap).
+
+        Returns:
+            The recovered jobs (``retrying`` or ``dead``).
+        """
+        with self._lock:
+            return self._recover(self._queue(queue), self.clock.time())
 
     def claim(self, queue: str, *, worker: str, limit: int, lease: float) -> list[Job]:
         """Recover lapsed leases, then lease up to ``limit`` ready jobs."""

@@ -60,6 +60,7 @@ _KEY_NAMES = (
 _SCRIPTS = (
     "enqueue",
     "claim",
+    "recover",
     "heartbeat",
     "ack",
     "fail",
@@ -274,6 +275,24 @@ class RedisBackend:
             json.dumps(worker),
             json.dumps(LEASE_EXPIRED.to_dict()),
             uuid.uuid4().hex,
+        )
+        return [_job(queue, fields) for fields in reply]
+
+    def recover(self, queue: str, *, limit: int = _STEP) -> list[Job]:
+        """Retry or dead-letter up to ``limit`` (at most 1,000) jobs whose lease lapsed.
+
+        Args:
+            queue: the queue.
+            limit: how many jobs at most.
+
+        Returns:
+            The recovered jobs as they are now (``retrying`` or ``dead``).
+
+        Raises:
+            BackendUnavailable: Redis could not be reached or did not answer in time.
+        """
+        reply = self._run(
+            "recover", queue, str(max(0, min(limit, _STEP))), json.dumps(LEASE_EXPIRED.to_dict())
         )
         return [_job(queue, fields) for fields in reply]
 

@@ -410,7 +410,29 @@ class SQLBackend:
         jobs.sort(key=lambda j: (-j.priority, j.run_at, j.id))
         return jobs
 
-    def _recover(self, queue: str, now: float) -> None:
+    @sql_unavailable
+    def recover(self, queue: str, *, limit: int = RECOVER_BATCH) -> list[Job]:
+        """Retry or dead-letter up to ``limit`` jobs whose lease lapsed (``claim`` does it too).
+
+        Args:
+            queue: the queue.
+            limit: how many at most (at most :data:`RECOVER_BATCH`).
+
+        Returns:
+            The recovered jobs as they are now (``retrying`` or ``dead``).
+
+        Raises:
+            BackendUnavailable: the database could not be reached or timed out.
+        """
+        ids = self._recover(queue, self.clock.time(), limit)
+        if not ids:
+            return []
+        t = self.table
+        with self._single.connect() as conn:
+            rows = conn.execute(sa.select(t).where(t.c.id.in_(ids))).all()
+        return [self._job(row) for row in rows]
+
+    def _recover(self, queue: str, now: float, limit: int = RECOVER_BATCH) -> list[str]:
         """Retry or dead-letter lapsed leases: at most :data:`RECOVER_BATCH` per call.
 
         One statement for the batch; should it fail for anything but an outage (a row the
@@ -421,42 +443,42 @@ class SQLBackend:
         where = (t.c.queue == queue, t.c.state == "running", t.c.lease_expires_at <= now)
         with self._single.connect() as conn:  # the common case: nothing lapsed, one query
             if conn.execute(self._lapsed, {"p_queue": queue, "p_now": now}).first() is None:
-                return
+                return []
+        limit = max(0, min(limit, RECOVER_BATCH))
         lapsed = (
             sa.select(t.c.id)
             .where(*where)
             .order_by(t.c.lease_expires_at)
-            .limit(RECOVER_BATCH)
+            .limit(limit)
             .with_for_update(skip_locked=True)
         )
         error = json.dumps(LEASE_EXPIRED.to_dict())
         try:
             with self.engine.begin() as conn:  # the lapsed rows and their history: one transaction
-                self._recover_in(conn, lapsed, error, now)
-            return
+                return self._recover_in(conn, lapsed, error, now)
         except sa.exc.SQLAlchemyError as exc:
             if unavailable_from(exc) is not None:
                 raise
             logger.warning("recovering lapsed leases of %r failed; row by row", queue, exc_info=exc)
         with self._single.connect() as conn:
-            ids = [
-                row.id for row in conn.execute(sa.select(t.c.id).where(*where).limit(RECOVER_BATCH))
-            ]
+            ids = [row.id for row in conn.execute(sa.select(t.c.id).where(*where).limit(limit))]
+        recovered: list[str] = []
         for job_id in ids:
             one = (
                 sa.select(t.c.id).where(t.c.id == job_id, *where).with_for_update(skip_locked=True)
             )
             try:
                 with self.engine.begin() as conn:
-                    self._recover_in(conn, one, error, now)
+                    recovered += self._recover_in(conn, one, error, now)
             except sa.exc.SQLAlchemyError as exc:
                 if unavailable_from(exc) is not None:
                     raise
                 logger.error(
                     "job %s: its lapsed lease cannot be recovered; skipped", job_id, exc_info=exc
                 )
+        return recovered
 
-    def _recover_in(self, conn: sa.Connection, lapsed: Any, error: str, now: float) -> None:
+    def _recover_in(self, conn: sa.Connection, lapsed: Any, error: str, now: float) -> list[str]:
         t = self.table
         rows = conn.execute(
             sa.update(t)
@@ -476,6 +498,7 @@ class SQLBackend:
                 row.attempts, row.started_at or now, now, "lost", row.worker or "", LEASE_EXPIRED
             )
             conn.execute(sa.update(t).where(t.c.id == row.id).values(history=self._append(lost)))
+        return [row.id for row in rows]
 
     def _holding(self, job: Job, now: float) -> Any:
         t = self.table

@@ -11,20 +11,7 @@ local lapsed_error, token_prefix = ARGV[6], ARGV[7]
 local STEP = 1000
 
 -- 1. leases that lapsed: their worker died or stalled; the lost attempt counts
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', K_RUNNING, '-inf', NOW_TEXT, 'LIMIT', 0, STEP)) do
-  local key = JOB .. id
-  local h = redis.call('HMGET', key, 'attempts', 'max_attempts', 'state')
-  if h[3] ~= 'running' then  -- never left behind by these scripts; dropped if found
-    redis.call('ZREM', K_RUNNING, id)
-  else
-    finish_attempt(key, 'lost', lapsed_error)
-    if tonumber(h[1]) >= tonumber(h[2]) then
-      dead_letter(id, key, lapsed_error)
-    else
-      retry(id, key, NOW_TEXT, lapsed_error)
-    end
-  end
-end
+recover_lapsed(STEP, lapsed_error)
 
 -- 2. delayed jobs now due
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', K_DELAYED, '-inf', NOW_TEXT, 'LIMIT', 0, STEP)) do

@@ -106,3 +106,27 @@ local function chosen_dead_ids()
   for i = 4, #ARGV do ids[#ids + 1] = ARGV[i] end
   return ids
 end
+
+-- leases that lapsed (their worker died or stalled), at most `limit` of them: the lost
+-- attempt counts; each job is retried, or dead-lettered when it has no attempt left.
+-- Returns the ids recovered.
+local function recover_lapsed(limit, lapsed_error)
+  local ids = redis.call('ZRANGEBYSCORE', K_RUNNING, '-inf', NOW_TEXT, 'LIMIT', 0, limit)
+  local recovered = {}
+  for _, id in ipairs(ids) do
+    local key = JOB .. id
+    local h = redis.call('HMGET', key, 'attempts', 'max_attempts', 'state')
+    if h[3] ~= 'running' then  -- never left behind by these scripts; dropped if found
+      redis.call('ZREM', K_RUNNING, id)
+    else
+      finish_attempt(key, 'lost', lapsed_error)
+      if tonumber(h[1]) >= tonumber(h[2]) then
+        dead_letter(id, key, lapsed_error)
+      else
+        retry(id, key, NOW_TEXT, lapsed_error)
+      end
+      recovered[#recovered + 1] = id
+    end
+  end
+  return recovered
+end
