@@ -172,3 +172,19 @@ def test_create_schema_replaces_the_old_dedupe_index(sql_engine: sa.Engine) -> N
     (running,) = backend.claim("q", worker="w", limit=1, lease=30)
     backend.enqueue(new_job("q", now=clock.time(), dedupe_key="k"))
     assert backend.fail(running, JobError("E", "x"), retry_at=clock.time()).state == "retrying"
+
+
+def test_claims_use_the_ready_index_under_a_generic_plan(pg_engine: sa.Engine) -> None:
+    """The claim's state filter is the ready index's own predicate, as constants: a generic
+    plan (what a prepared statement gets after 5 runs) can still use the partial index."""
+    backend = SQLBackend(pg_engine, clock=FakeClock())
+    backend.create_schema()
+    statement = backend._claim_statement(10)
+    params = {"p_queue": "q", "p_now": 1.0, "p_token": "t", "p_expires": 2.0, "p_worker": "w"}
+    with pg_engine.begin() as conn:
+        conn.execute(sa.text("SET LOCAL plan_cache_mode = force_generic_plan"))
+        conn.execute(sa.text("SET LOCAL enable_seqscan = off"))
+        compiled = statement.compile(dialect=pg_engine.dialect)
+        values = {**compiled.params, **params}
+        plan = "\n".join(row[0] for row in conn.exec_driver_sql(f"EXPLAIN {compiled}", values))
+    assert "hardening_jobs_ready_idx" in plan, plan

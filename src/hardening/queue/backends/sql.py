@@ -52,6 +52,7 @@ workers died at once (the rest are recovered by the next claims)."""
 # guards, so no retry, recovery, release or requeue can ever violate the unique index.
 _DEDUPE_WHERE = "state = 'waiting' AND started_at IS NULL AND dedupe_key IS NOT NULL"
 _OLD_DEDUPE_INDEX = "{name}_dedupe_idx"  # held retrying jobs too: a retry could violate it
+_READY = sa.text("state IN ('waiting', 'retrying')")  # the ready index's predicate
 
 
 def jobs_table(
@@ -70,7 +71,7 @@ def jobs_table(
         that wait and were never claimed (``<name>_dedupe_waiting_idx``; it replaces the
         earlier ``<name>_dedupe_idx``, which :meth:`SQLBackend.create_schema` drops).
     """
-    ready = sa.text("state IN ('waiting', 'retrying')")
+    ready = _READY
     table = sa.Table(
         name,
         metadata,
@@ -289,7 +290,10 @@ class SQLBackend:
                 sa.select(t.c.id)
                 .where(
                     t.c.queue == sa.bindparam("p_queue"),
-                    t.c.state.in_(READY_STATES),
+                    # the ready index's own predicate, as constants: bound parameters would let
+                    # a prepared statement's generic plan miss the partial index (394 ms vs
+                    # 12 ms per claim at 500k rows)
+                    _READY,
                     t.c.run_at <= sa.bindparam("p_now"),
                 )
                 .order_by(t.c.priority.desc(), t.c.run_at)  # the ready index's order: no sort
@@ -298,7 +302,7 @@ class SQLBackend:
             )
             statement = (
                 sa.update(t)
-                .where(t.c.id.in_(ids.scalar_subquery()), t.c.state.in_(READY_STATES))
+                .where(t.c.id.in_(ids.scalar_subquery()), _READY)
                 .values(
                     state="running",
                     attempts=t.c.attempts + 1,
