@@ -188,3 +188,20 @@ def test_claims_use_the_ready_index_under_a_generic_plan(pg_engine: sa.Engine) -
         values = {**compiled.params, **params}
         plan = "\n".join(row[0] for row in conn.exec_driver_sql(f"EXPLAIN {compiled}", values))
     assert "hardening_jobs_ready_idx" in plan, plan
+
+
+def test_a_rate_limit_without_a_shared_store_is_refused(sql_backend: SQLBackend) -> None:
+    """A queue-wide rate limit on SQL needs a store every worker shares: no silent per-process."""
+    from hardening import ConfigurationError
+
+    class Limited(QueueProcessor):
+        queue = "limited"
+        rate_limit = "5/second"
+
+        def process(self, job: Job) -> None:
+            return None
+
+    with pytest.raises(ConfigurationError, match="rate_limit_storage"):
+        Limited(sql_backend)
+    per_process = Limited(sql_backend, rate_limit_storage="memory://")  # said out loud: fine
+    assert per_process.options.rate_limit == "5/second"

@@ -226,29 +226,38 @@ def encode_payload(payload: object, *, queue: str, max_bytes: int) -> str:
         The JSON text.
 
     Raises:
-        JobRejected: not JSON-serialisable (including NaN and infinities, or keys that are
-            not strings) or larger than ``max_bytes``.
+        JobRejected: not JSON-serialisable (including NaN and infinities), not stored
+            faithfully (keys that are not strings, tuples: JSON would change them), or larger
+            than ``max_bytes``.
     """
     try:
         text = json.dumps(payload, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
     except (TypeError, ValueError, RecursionError) as exc:
         raise JobRejected(f"payload is not JSON-serialisable: {exc}", queue=queue) from exc
-    if not _keys_are_strings(payload):  # json.dumps would silently turn 1 into "1"
-        raise JobRejected("payload object keys must be strings", queue=queue)
+    problem = _unfaithful(payload)  # what json.dumps would silently change
+    if problem is not None:
+        raise JobRejected(problem, queue=queue)
     size = len(text.encode("utf-8"))
     if size > max_bytes:
         raise JobRejected(f"payload is {size} bytes; the limit is {max_bytes}", queue=queue)
     return text
 
 
-def _keys_are_strings(payload: object) -> bool:
+def _unfaithful(payload: object) -> str | None:
+    """Why ``payload`` would not come back as it went in, or ``None``.
+
+    ``json.dumps`` turns the key ``1`` into ``"1"`` and a tuple into a list: the handler would
+    get something else than was enqueued (and ``job.payload == payload`` would be false).
+    """
     stack = [payload]
     while stack:
         item = stack.pop()
         if isinstance(item, dict):
             if not all(isinstance(key, str) for key in item):
-                return False
+                return "payload object keys must be strings"
             stack.extend(item.values())
-        elif isinstance(item, (list, tuple)):
+        elif isinstance(item, tuple):
+            return "payload tuples would come back as lists: pass a list"
+        elif isinstance(item, list):
             stack.extend(item)
-    return True
+    return None

@@ -151,12 +151,14 @@ class QueueProcessor:
         backend: a :class:`~hardening.queue.QueueBackend` or a URL for :func:`backend_from_url`.
         clock: the clock for backoff and metrics (give the backend the same one in tests).
         metrics: a registry to report depth, durations and outcomes into.
-        rate_limit_storage: where ``rate_limit`` is counted (default: the Redis backend's
-            client, else in process); give a Redis URL to share it across SQL workers.
+        rate_limit_storage: where ``rate_limit`` is counted: by default the Redis backend's
+            client, or the process for the memory backend; any other backend (SQL) needs one
+            (a Redis URL shared by every worker, or ``"memory://"`` for a per-process limit).
         **options: any option above.
 
     Raises:
-        ConfigurationError: an unknown or invalid option.
+        ConfigurationError: an unknown or invalid option, or a ``rate_limit`` on a SQL
+            backend without ``rate_limit_storage``.
     """
 
     queue: ClassVar[str] = "default"
@@ -218,10 +220,20 @@ class QueueProcessor:
         from hardening.ratelimit import RateLimiter
 
         if storage is None:
+            from hardening.queue.backends.memory import MemoryBackend
+
             client = getattr(self.backend, "client", None)
-            storage = (
-                client if client is not None and hasattr(client, "register_script") else "memory://"
-            )
+            if client is not None and hasattr(client, "register_script"):
+                storage = client  # the Redis backend's own Redis: shared by every worker
+            elif isinstance(self.backend, MemoryBackend):
+                storage = "memory://"  # one process holds the whole queue
+            else:
+                raise ConfigurationError(
+                    f"rate_limit={rate!r} is queue-wide, but {type(self.backend).__name__} "
+                    "gives the workers no shared place to count it: pass "
+                    "rate_limit_storage='redis://…' (or 'memory://' to limit each process "
+                    "on its own)"
+                )
         return RateLimiter(
             rate,
             storage=storage,
