@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import redis
 import redis.exceptions
 
 from hardening import BackendUnavailable, FakeClock
 from hardening._health import Breaker, is_backend_failure
+from tests.concurrency import in_threads
 
 
 def test_closed_breaker_admits_everyone() -> None:
@@ -61,20 +60,8 @@ def test_one_probe_across_threads() -> None:
     breaker = Breaker(clock)
     breaker.failed(breaker.admit())
     clock.advance(0.5)
-    barrier = threading.Barrier(40)
-    won: list[int] = []
-
-    def race() -> None:
-        barrier.wait()
-        ticket = breaker.admit()
-        if ticket is not None:
-            won.append(ticket)
-
-    threads = [threading.Thread(target=race) for _ in range(40)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    tickets = in_threads(40, breaker.admit)
+    won = [ticket for ticket in tickets if ticket is not None]
     assert len(won) == 1
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import pytest
 import redis
@@ -20,6 +19,7 @@ from hardening._redis import (
     pool_warning,
     redis_key,
 )
+from tests.concurrency import in_threads
 
 
 def _slot_tag(key: str) -> str:
@@ -141,24 +141,11 @@ def test_default_clients_get_a_warning() -> None:
 def test_threads_beyond_the_pool_wait(redis_url: str) -> None:
     """100 threads on a pool of 4: every command succeeds, none raises."""
     client = client_from_url(redis_url, max_connections=4, pool_timeout=30)
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(100)
-
-    def work() -> None:
-        barrier.wait()
-        try:
-            for _ in range(5):
-                client.ping()
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work) for _ in range(100)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    client.close()
-    assert errors == []
+    try:
+        results = in_threads(100, lambda: [client.ping() for _ in range(5)])
+    finally:
+        client.close()
+    assert results == [[True] * 5] * 100
 
 
 def test_a_pool_full_for_its_whole_timeout_fails(redis_url: str) -> None:
@@ -189,23 +176,12 @@ async def test_async_callers_beyond_the_pool_wait(redis_url: str) -> None:
 def test_cluster_clients_wait_too(redis_cluster_url: str) -> None:
     """A blocking cluster client: 60 threads on a gate of 2 all succeed."""
     client = client_from_url(redis_cluster_url, max_connections=2, pool_timeout=30)
-    errors: list[BaseException] = []
-
-    def work() -> None:
-        try:
-            for i in range(5):
-                client.get(f"hardening-test:gate:{i}")
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work) for _ in range(60)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    client.close()
-    assert errors == []
-    assert pool_warning(client) is None
+    try:
+        results = in_threads(60, lambda: [client.get(f"hardening-test:gate:{i}") for i in range(5)])
+        assert pool_warning(client) is None
+    finally:
+        client.close()
+    assert results == [[None] * 5] * 60
 
 
 @pytest.mark.anyio

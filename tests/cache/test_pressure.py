@@ -7,7 +7,6 @@ timing runs on a fake clock so the assertions are exact.
 from __future__ import annotations
 
 import asyncio
-import threading
 from typing import Any
 
 import pytest
@@ -15,6 +14,7 @@ import redis
 
 from hardening import AsyncCache, BackendUnavailable, Cache, FakeClock
 from hardening.cache.redis import STEP_UNITS
+from tests.concurrency import in_threads
 from tests.faultproxy import FaultProxy
 
 
@@ -40,21 +40,7 @@ def test_200_threads_reading_are_200_hits(redis_url: str, redis_prefix: str) -> 
     """200 threads reading a stored key through the blocking cache: 200 hits."""
     cache = Cache(redis_url, key_prefix=_prefix(redis_prefix))
     cache.set("hot", [1, 2, 3])
-    barrier = threading.Barrier(200)
-    values: list[Any] = []
-    lock = threading.Lock()
-
-    def read() -> None:
-        barrier.wait()
-        value = cache.get("hot")
-        with lock:
-            values.append(value)
-
-    threads = [threading.Thread(target=read) for _ in range(200)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    values = in_threads(200, lambda: cache.get("hot"))
     stats = cache.stats()
     cache.close()
     assert values == [[1, 2, 3]] * 200
@@ -69,18 +55,7 @@ def test_blip_opens_once_and_recovers_after_one_window(
     cache = Cache(redis_proxy.redis_url(), key_prefix=_prefix(redis_prefix), clock=clock)
     cache.set("k", "v")
     redis_proxy.cut()
-    barrier = threading.Barrier(50)
-    values: list[Any] = []
-
-    def read() -> None:
-        barrier.wait()
-        values.append(cache.get("k", "fallback"))
-
-    threads = [threading.Thread(target=read) for _ in range(50)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    values = in_threads(50, lambda: cache.get("k", "fallback"))
     assert values == ["fallback"] * 50  # fail open: misses
     assert cache._health.window == 0.5
     redis_proxy.restore()

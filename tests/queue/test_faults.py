@@ -27,6 +27,7 @@ from hardening._redis import client_from_url
 from hardening.queue import Job, JobError, QueueProcessor
 from hardening.queue.backends.redis import RedisBackend
 from hardening.queue.backends.sql import SQLBackend
+from tests.concurrency import in_threads
 from tests.faultproxy import FaultProxy, wait_until
 from tests.queue.conftest import new_job
 
@@ -245,22 +246,7 @@ def test_300_concurrent_enqueues_wait_for_a_small_pool(open_store: Callable[...,
     store = open_store(small_pool=True)
     store.backend.stats(QUEUE)
     store.proxy.latency(0.005)  # each call holds its connection a while: the pool is contended
-    barrier = threading.Barrier(300)
-    errors: list[BaseException] = []
-
-    def enqueue() -> None:
-        barrier.wait()
-        try:
-            store.backend.enqueue(new_job(QUEUE))
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=enqueue) for _ in range(300)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert errors == []
+    in_threads(300, lambda: store.backend.enqueue(new_job(QUEUE)))
     assert store.backend.stats(QUEUE).waiting == 300
     assert store.proxy.connections_accepted <= SMALL_POOL[store.kind]
 

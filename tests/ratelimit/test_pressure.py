@@ -18,6 +18,7 @@ import redis.asyncio
 
 from hardening import BackendUnavailable, FakeClock
 from hardening.ratelimit import AsyncRateLimiter, RateLimiter
+from tests.concurrency import in_threads
 from tests.conftest import free_port
 from tests.faultproxy import FaultProxy
 
@@ -42,21 +43,7 @@ async def test_400_concurrent_async_hits_admit_exactly_the_limit(
 def test_200_threads_admit_exactly_the_limit(redis_url: str, redis_prefix: str) -> None:
     """200 threads at 20/minute on the blocking limiter: exactly 20 admitted, no errors."""
     limiter = RateLimiter("20/minute", storage=redis_url, key_prefix=_prefix(redis_prefix))
-    barrier = threading.Barrier(200)
-    decisions = []
-    lock = threading.Lock()
-
-    def hit() -> None:
-        barrier.wait()
-        decision = limiter.hit("crowd")
-        with lock:
-            decisions.append(decision)
-
-    threads = [threading.Thread(target=hit) for _ in range(200)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    decisions = in_threads(200, lambda: limiter.hit("crowd"))
     limiter.close()
     assert len(decisions) == 200
     assert sum(d.allowed for d in decisions) == 20
@@ -95,18 +82,7 @@ def test_concurrent_failures_in_a_blip_open_the_breaker_once(
     )
     assert limiter.hit("warm").allowed
     redis_proxy.cut()
-    barrier = threading.Barrier(50)
-    decisions = []
-
-    def hit() -> None:
-        barrier.wait()
-        decisions.append(limiter.hit("crowd"))
-
-    threads = [threading.Thread(target=hit) for _ in range(50)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    decisions = in_threads(50, lambda: limiter.hit("crowd"))
     assert all(d.allowed and d.error for d in decisions)  # on_backend_error="allow"
     assert limiter._health.window == 0.5
     redis_proxy.restore()
