@@ -370,8 +370,8 @@ def test_100k_due_jobs_never_block_redis_for_50ms(
     clock.advance(61)
     claimed = 0
     try:
-        for _ in range(200):
-            jobs = backend.claim(QUEUE, worker="w", limit=1000, lease=3600)
+        for _ in range(400):
+            jobs = backend.claim(QUEUE, worker="w", limit=500, lease=3600)
             claimed += len(jobs)
             if not jobs:
                 break

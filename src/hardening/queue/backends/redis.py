@@ -81,7 +81,7 @@ _UNAVAILABLE = (
 )
 
 
-_STEP = 1000  # the most jobs one script call touches (claim.lua and common.lua say the same)
+_STEP = 500  # the most jobs one script call touches (claim.lua, recover.lua and common.lua agree)
 
 
 def _number(value: float) -> str:
@@ -279,7 +279,7 @@ class RedisBackend:
         return [_job(queue, fields) for fields in reply]
 
     def recover(self, queue: str, *, limit: int = _STEP) -> list[Job]:
-        """Retry or dead-letter up to ``limit`` (at most 1,000) jobs whose lease lapsed.
+        """Retry or dead-letter up to ``limit`` (at most 500) jobs whose lease lapsed.
 
         Args:
             queue: the queue.

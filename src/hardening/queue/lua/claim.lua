@@ -3,12 +3,12 @@
 -- ARGV[3] lease expiry for the new claims, ARGV[4] limit, ARGV[5] the worker as JSON text,
 -- ARGV[6] the LeaseExpired error as JSON text, ARGV[7] a random token prefix (unique per call)
 -- Returns one HGETALL per claimed job.
-local expires, limit, worker = ARGV[3], math.min(tonumber(ARGV[4]), 1000), ARGV[5]
+local expires, limit, worker = ARGV[3], math.min(tonumber(ARGV[4]), 500), ARGV[5]
 local lapsed_error, token_prefix = ARGV[6], ARGV[7]
 
 -- Each step takes at most STEP jobs: one call's work is bounded however many leases lapsed
 -- or delayed jobs fell due at once (the next claims take the rest).
-local STEP = 1000
+local STEP = 500
 
 -- 1. leases that lapsed: their worker died or stalled; the lost attempt counts
 recover_lapsed(STEP, lapsed_error)

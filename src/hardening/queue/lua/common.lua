@@ -100,8 +100,8 @@ end
 
 -- the dead jobs an operator named: every one when ARGV[3] is '1', else the ids in ARGV[4..]
 local function chosen_dead_ids()
-  -- 'all' is taken 1,000 at a time (the caller calls again while a call takes that many)
-  if ARGV[3] == '1' then return redis.call('ZRANGE', K_DEAD, 0, 999) end
+  -- 'all' is taken 500 at a time (the caller calls again while a call takes that many)
+  if ARGV[3] == '1' then return redis.call('ZRANGE', K_DEAD, 0, 499) end
   local ids = {}
   for i = 4, #ARGV do ids[#ids + 1] = ARGV[i] end
   return ids
