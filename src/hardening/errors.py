@@ -29,6 +29,7 @@ The tree::
     │   └── PatchConflict                            concurrent edits clash on a field   409
     ├── QueueError                                   job queue problems
     │   ├── JobRejected (ValueError)                 payload not JSON or too large       422
+    │   ├── JobTimedOut (TimeoutError)               an attempt overran its timeout      500
     │   └── LeaseLost                                the worker's claim on a job expired 409
     └── CacheError                                   a value the cache cannot store      500
         └── ValueTooLarge (ValueError)               over the cache's max_value_bytes    500
@@ -52,6 +53,7 @@ __all__ = [
     "InvalidCursor",
     "InvalidPatch",
     "JobRejected",
+    "JobTimedOut",
     "LeaseLost",
     "MalformedBody",
     "NotFoundError",
@@ -488,6 +490,25 @@ class JobRejected(QueueError, ValueError):
         self.reason = reason
         self.queue = queue
         super().__init__(f"job rejected by queue {queue!r}: {reason}")
+
+
+class JobTimedOut(QueueError, TimeoutError):
+    """A job's attempt ran longer than its processor's ``timeout``: it failed, and is retried.
+
+    Args:
+        job_id: the job's id.
+        timeout: the timeout in seconds.
+        queue: the job's queue.
+    """
+
+    title = "Job timed out"
+    _detail_fields: ClassVar[tuple[str, ...]] = ("job_id", "queue", "timeout")
+
+    def __init__(self, job_id: str, timeout: float, *, queue: str = "") -> None:
+        self.job_id = job_id
+        self.timeout = timeout
+        self.queue = queue
+        super().__init__(f"job {job_id!r} of queue {queue!r} ran longer than {timeout:g} s")
 
 
 class LeaseLost(QueueError):

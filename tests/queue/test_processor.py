@@ -209,3 +209,93 @@ def test_stop_before_the_run_starts_is_kept() -> None:
     assert not worker.is_alive()
     proc.enqueue({"n": 1})
     assert proc.run_until_empty() == 1  # the stop was used up: the processor runs again
+
+
+class Hangs(QueueProcessor):
+    """Hangs until told to go on (a stuck HTTP call, a lock never released)."""
+
+    queue = "hangs"
+    timeout = 0.2
+    max_attempts = 1
+    poll_interval = 0.01
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.go_on = threading.Event()
+        self.returned = threading.Event()
+
+    def process(self, job: Job) -> None:
+        self.go_on.wait(10)
+        self.returned.set()
+
+
+def _state(backend: MemoryBackend, queue: str, job_id: str) -> Job:
+    job = backend.get(queue, job_id)
+    assert job is not None
+    return job
+
+
+def test_an_overrunning_attempt_fails_and_its_late_result_is_discarded() -> None:
+    """``timeout``: an attempt past it fails with JobTimedOut (here: dead, one attempt); when
+    the hung handler finally returns, its success is discarded."""
+    backend = MemoryBackend()
+    proc = Hangs(backend)
+    job = proc.enqueue("x")
+    worker = threading.Thread(target=proc.run, kwargs={"install_signal_handlers": False})
+    worker.start()
+    deadline = time.monotonic() + 10
+    while _state(backend, "hangs", job.id).state != "dead" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    failed = _state(backend, "hangs", job.id)
+    proc.go_on.set()
+    assert proc.returned.wait(10)
+    proc.stop()
+    worker.join(10)
+    assert failed.state == "dead"
+    assert failed.last_error is not None
+    assert failed.last_error.type == "JobTimedOut"
+    final = _state(backend, "hangs", job.id)
+    assert final.state == "dead"  # the late success changed nothing
+    assert [a.outcome for a in final.history] == ["failed"]
+
+
+def test_an_overrunning_async_handler_is_cancelled_and_retried() -> None:
+    """An ``async def`` handler past its timeout is cancelled; the job is retried and can
+    then complete."""
+    import asyncio
+
+    class SlowOnce(QueueProcessor):
+        queue = "slowonce"
+        timeout = 0.1
+        poll_interval = 0.01
+        backoff = 0.0
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.cancelled = 0
+
+        async def process(self, job: Job) -> None:
+            if job.attempts == 1:
+                try:
+                    await asyncio.sleep(10)
+                except asyncio.CancelledError:
+                    self.cancelled += 1
+                    raise
+
+    backend = MemoryBackend()
+    proc = SlowOnce(backend)
+    job = proc.enqueue("x")
+    assert asyncio.run(proc.arun_until_empty()) == 2
+    done = _state(backend, "slowonce", job.id)
+    assert proc.cancelled == 1
+    assert done.state == "completed"
+    assert [a.outcome for a in done.history] == ["failed", "completed"]
+    assert done.history[0].error is not None
+    assert done.history[0].error.type == "JobTimedOut"
+
+
+@pytest.mark.parametrize("timeout", [0, -1, "soon"])
+def test_bad_timeouts_are_refused(timeout: object) -> None:
+    """A timeout must be positive seconds."""
+    with pytest.raises(ConfigurationError):
+        Hangs(MemoryBackend(), timeout=timeout)

@@ -27,7 +27,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from hardening._backoff import Backoff
 from hardening._clock import Clock, SystemClock, to_seconds
-from hardening.errors import BackendUnavailable, ConfigurationError, JobRejected, LeaseLost
+from hardening.errors import (
+    BackendUnavailable,
+    ConfigurationError,
+    JobRejected,
+    JobTimedOut,
+    LeaseLost,
+)
 from hardening.queue.backends.base import RecoveringBackend
 from hardening.queue.job import Job, JobError, NewJob, QueueStats, encode_payload, new_job_id
 
@@ -50,6 +56,7 @@ _OPTIONS = frozenset(
         "rate_limit",
         "max_payload_bytes",
         "metrics_interval",
+        "timeout",
         *_DURATIONS,
     }
 )
@@ -123,6 +130,7 @@ class QueueOptions:
     shutdown_grace: float
     max_payload_bytes: int
     metrics_interval: float
+    timeout: float | None = None
 
 
 class QueueProcessor:
@@ -134,7 +142,11 @@ class QueueProcessor:
     ``heartbeat`` (10 s between renewals, from a separate thread, so CPU-bound jobs keep their
     lease), ``concurrency`` (1), ``rate_limit`` (queue-global, e.g. ``"100/second"``),
     ``retention`` (finished jobs kept 7 days), ``poll_interval`` (0.5 s idle wait),
-    ``shutdown_grace`` (30 s for in-flight jobs at shutdown), ``max_payload_bytes`` (1 MiB).
+    ``shutdown_grace`` (30 s for in-flight jobs at shutdown), ``max_payload_bytes`` (1 MiB),
+    ``timeout`` (``None``: an attempt may run for ever; seconds: an attempt that runs longer
+    fails with :class:`~hardening.JobTimedOut` and is retried by the backoff policy, its
+    late result discarded. ``async def`` handlers are cancelled; a thread cannot be, so its
+    slot stays busy until the handler returns).
 
     A plain ``def process`` runs in worker threads (:meth:`run`); an ``async def process``
     runs on the event loop (:meth:`arun`). Delivery is at least once: a job whose worker dies
@@ -171,6 +183,7 @@ class QueueProcessor:
     retention: ClassVar[float | timedelta] = 7 * 86400.0
     poll_interval: ClassVar[float | timedelta] = 0.5
     shutdown_grace: ClassVar[float | timedelta] = 30.0
+    timeout: ClassVar[float | timedelta | None] = None
     max_payload_bytes: ClassVar[int] = 1 << 20
     metrics_interval: ClassVar[float] = 10.0
 
@@ -198,6 +211,11 @@ class QueueProcessor:
             rate_limit=settings["rate_limit"],
             max_payload_bytes=_positive_int(settings["max_payload_bytes"], "max_payload_bytes"),
             metrics_interval=to_seconds(settings["metrics_interval"], name="metrics_interval"),
+            timeout=(
+                None
+                if settings["timeout"] is None
+                else to_seconds(settings["timeout"], name="timeout", allow_zero=False)
+            ),
             poll_interval=max(durations.pop("poll_interval"), 0.001),
             **durations,
         )
@@ -564,7 +582,8 @@ class QueueProcessor:
                 futures = {f for f in futures if not f.done()}
                 free = self.options.concurrency - len(futures)
                 claim = self._should_claim(free, len(futures))
-                if claim or not futures:  # record in batches, at the pace of the claims
+                deadline = self._expire(held)
+                if claim or not futures or deadline == 0.0:  # record at the claims' pace
                     self._record(held)
                 jobs = self._claim(free, idle) if claim else []
                 for job in jobs:
@@ -576,7 +595,8 @@ class QueueProcessor:
                 if until_empty and not futures:
                     break
                 if futures:
-                    wait(futures, timeout=idle.next(), return_when=FIRST_COMPLETED)
+                    pause = idle.next() if deadline is None else min(idle.next(), deadline)
+                    wait(futures, timeout=pause, return_when=FIRST_COMPLETED)
                 else:
                     self._stop.wait(idle.next())
         finally:
@@ -597,6 +617,24 @@ class QueueProcessor:
             self._report_depth(force=True)
             self._stop.clear()
         return attempts
+
+    def _expire(self, held: _Held) -> float | None:
+        """Fail overdue attempts (``timeout``); seconds to the next deadline, 0.0 if any failed.
+
+        ``None`` when no timeout is set or nothing is running.
+        """
+        timeout = self.options.timeout
+        if timeout is None:
+            return None
+        expired, nearest = held.overdue(timeout, self.queue_name)
+        for job in expired:
+            logger.warning(
+                "job %s ran longer than its %g s timeout: failed (retried by the backoff "
+                "policy); whatever its handler returns later is discarded",
+                job.id,
+                timeout,
+            )
+        return 0.0 if expired else nearest
 
     def _should_claim(self, free: int, busy: int) -> bool:
         # Claim in batches (half the slots or more) rather than a round trip per job, but
@@ -707,10 +745,16 @@ class QueueProcessor:
         start = time.perf_counter()
         try:
             await asyncio.to_thread(self._wait_for_rate_limit)
-            if self._async:
-                await self.process(job)  # type: ignore[misc]
-            else:
-                await asyncio.to_thread(self.process, job)
+            work = self.process(job) if self._async else asyncio.to_thread(self.process, job)
+            timeout = self.options.timeout
+            try:
+                await asyncio.wait_for(work, timeout)  # type: ignore[arg-type]
+            except asyncio.TimeoutError as exc:
+                if timeout is None or time.perf_counter() - start < timeout:
+                    raise  # the handler's own timeout, not ours
+                # a coroutine handler was cancelled; a sync one goes on in its thread, unheard
+                logger.warning("job %s ran longer than its %g s timeout: failed", job.id, timeout)
+                raise JobTimedOut(job.id, timeout, queue=self.queue_name) from exc
         except Exception as exc:
             held.finished(_Outcome(job, time.perf_counter() - start, exc))
         except asyncio.CancelledError:
@@ -821,9 +865,12 @@ class _Held:
         self._jobs: dict[str, Job] = {}
         self._outcomes: list[_Outcome] = []
         self._stopped: set[str] = set()
+        self._started: dict[str, float] = {}  # monotonic start of each running attempt
+        self._timed_out: set[str] = set()  # their handler's own outcome, if any, is stale
 
     def add(self, job: Job) -> None:
         with self._lock:
+            self._started[job.id] = time.monotonic()
             self._jobs[job.id] = job
 
     def drop(self, job: Job) -> None:
@@ -841,9 +888,42 @@ class _Held:
             return set(self._stopped)
 
     def finished(self, outcome: _Outcome) -> None:
-        """The attempt is over; the job stays held until the loop records the outcome."""
+        """The attempt is over; the job stays held until the loop records the outcome.
+
+        The late outcome of an attempt that timed out is dropped: its failure stands.
+        """
         with self._lock:
+            job_id = outcome.job.id
+            self._started.pop(job_id, None)
+            if job_id in self._timed_out:
+                self._timed_out.discard(job_id)
+                return
             self._outcomes.append(outcome)
+
+    def overdue(self, timeout: float, queue: str) -> tuple[list[Job], float | None]:
+        """Fail the attempts running longer than ``timeout``: ``(them, seconds to the next)``.
+
+        Each overdue attempt gets a :class:`~hardening.JobTimedOut` outcome now (recorded by
+        the loop like any failure); whatever its handler returns later is discarded.
+        """
+        now = time.monotonic()
+        nearest: float | None = None
+        expired: list[Job] = []
+        with self._lock:
+            for job_id, started in list(self._started.items()):
+                left = started + timeout - now
+                if left > 0:
+                    nearest = left if nearest is None else min(nearest, left)
+                    continue
+                job = self._jobs.get(job_id)
+                del self._started[job_id]
+                if job is None:
+                    continue
+                self._timed_out.add(job_id)
+                error = JobTimedOut(job_id, timeout, queue=queue)
+                self._outcomes.append(_Outcome(job, now - started, error))
+                expired.append(job)
+        return expired, nearest
 
     def take_outcomes(self) -> list[_Outcome]:
         """Every outcome waiting; their jobs are no longer held.
