@@ -45,3 +45,37 @@ def test_to_seconds_accepts_timedelta_and_numbers() -> None:
     assert to_seconds(3, name="x") == 3.0
     with pytest.raises(ConfigurationError):
         to_seconds(0, name="x", allow_zero=False)
+
+
+def test_store_clock_adds_the_measured_offset() -> None:
+    """The store's time is the host's plus the offset, measured around one read."""
+    from hardening._clock import StoreClock
+
+    host = FakeClock(1_000.0)
+    reads = []
+
+    def read_store() -> float:
+        reads.append(host.time())
+        return host.time() + 45.0
+
+    clock = StoreClock(host, read_store, refresh=10.0)
+    assert clock.time() == 1_045.0
+    host.advance(5)
+    assert clock.time() == 1_050.0
+    assert len(reads) == 1  # not due yet
+    host.advance(5)
+    clock.time()
+    assert len(reads) == 2  # measured again after 10 s
+    assert clock.offset == 45.0
+
+
+def test_store_clock_read_failures_propagate() -> None:
+    """A store that cannot say its time fails the call that needed it."""
+    from hardening._clock import StoreClock
+
+    def broken() -> float:
+        raise ConnectionError("down")
+
+    clock = StoreClock(FakeClock(), broken)
+    with pytest.raises(ConnectionError):
+        clock.time()

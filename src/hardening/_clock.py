@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Protocol, runtime_checkable
 
 from hardening.errors import ConfigurationError
 
-__all__ = ["Clock", "FakeClock", "SystemClock", "to_seconds"]
+__all__ = ["Clock", "FakeClock", "StoreClock", "SystemClock", "to_seconds"]
 
 
 @runtime_checkable
@@ -101,6 +103,64 @@ class FakeClock:
 
     def __repr__(self) -> str:
         return f"FakeClock({self._now!r})"
+
+
+class StoreClock:
+    """The time of a shared store (Redis ``TIME``, PostgreSQL's clock), read through a host clock.
+
+    Decisions shared across hosts (leases, delays, back-off) must not depend on any one host's
+    clock: a worker whose clock runs 45 s fast would take a healthy worker's live lease. This
+    clock measures the store's offset from the host clock (one round trip, halved) and adds it,
+    refreshing it every ``refresh`` seconds, so every host sees the store's time to within a
+    round trip, however wrong its own clock is.
+
+    Args:
+        host: the host clock (its ``monotonic()`` paces the refreshes; ``sleep`` is its own).
+        read_store: returns the store's time, epoch seconds (does I/O).
+        refresh: seconds between offset measurements.
+    """
+
+    def __init__(
+        self, host: Clock, read_store: Callable[[], float], *, refresh: float = 10.0
+    ) -> None:
+        self.host = host
+        self._read_store = read_store
+        self._refresh = refresh
+        self._offset = 0.0
+        self._measured_at = -math.inf
+        self._lock = threading.Lock()
+
+    @property
+    def offset(self) -> float:
+        """The store's time minus the host's, as last measured (seconds)."""
+        return self._offset
+
+    def time(self) -> float:
+        """The store's time now (epoch seconds); measures the offset when it is due."""
+        if self.host.monotonic() - self._measured_at >= self._refresh:
+            self._measure()
+        return self.host.time() + self._offset
+
+    def _measure(self) -> None:
+        with self._lock:
+            if self.host.monotonic() - self._measured_at < self._refresh:
+                return
+            before = self.host.time()
+            store = self._read_store()  # a failure propagates: the caller's I/O fails alike
+            after = self.host.time()
+            self._offset = store - (before + after) / 2
+            self._measured_at = self.host.monotonic()
+
+    def monotonic(self) -> float:
+        """The host's monotonic clock (durations within this process)."""
+        return self.host.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep on the host clock."""
+        self.host.sleep(seconds)
+
+    def __repr__(self) -> str:
+        return f"StoreClock(offset={self._offset:+.3f}s)"
 
 
 def to_seconds(value: float | timedelta, *, name: str, allow_zero: bool = True) -> float:

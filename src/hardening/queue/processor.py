@@ -223,7 +223,7 @@ class QueueProcessor:
             raise ConfigurationError("heartbeat must be positive and shorter than lease")
         self.queue_name = self.options.queue
         self.backend: QueueBackend = (
-            backend_from_url(backend, clock=self.clock) if isinstance(backend, str) else backend
+            backend_from_url(backend, clock=clock) if isinstance(backend, str) else backend
         )
         self._limiter = self._make_limiter(self.options.rate_limit, rate_limit_storage)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
@@ -327,7 +327,7 @@ class QueueProcessor:
         text = encode_payload(
             payload, queue=self.queue_name, max_bytes=self.options.max_payload_bytes
         )
-        now = self.clock.time()
+        now = self._store_now()
         new = NewJob(
             id=new_job_id(),
             queue=self.queue_name,
@@ -386,9 +386,14 @@ class QueueProcessor:
                 return
             self.clock.sleep(min(decision.retry_after or 0.01, 1.0))
 
+    def _store_now(self) -> float:
+        """Now on the backend's clock (the store's by default), which delays count from."""
+        clock: Clock = getattr(self.backend, "clock", self.clock)
+        return clock.time()
+
     def _failed(self, job: Job, exc: BaseException, duration: float) -> None:
         """Record a failed attempt (retry or dead letter); an outage raises BackendUnavailable."""
-        retry_at = next_run_at(job, self.clock.time(), self.options.backoff)
+        retry_at = next_run_at(job, self._store_now(), self.options.backoff)
         try:
             failed = self.backend.fail(job, JobError.from_exception(exc), retry_at=retry_at)
         except LeaseLost:

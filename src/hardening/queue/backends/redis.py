@@ -19,10 +19,9 @@ first recovers lapsed leases, then moves due delayed jobs to ``ready``, then lea
 ones; ack, fail and heartbeat check the lease token and expiry in the same script that changes
 the job. The scripts ship as package data in ``hardening/queue/lua/``.
 
-Times come from the backend's ``clock`` (the application's), not from Redis, so that one clock
-decides leases, delays and backoff on every backend and tests can drive it. Hosts sharing a
-queue therefore need synchronised clocks (NTP): a worker whose clock runs seconds ahead would
-see leases lapse early. Leases are tens of seconds, so ordinary NTP accuracy is ample.
+Times come from the backend's ``clock``: by default Redis' own time (``TIME``, read as an offset
+from the host clock that is measured every 10 s), so hosts whose clocks disagree still agree on
+leases, delays and back-off; a clock given explicitly (a ``FakeClock`` in tests) is used as is.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, get_args
 
-from hardening._clock import Clock, SystemClock
+from hardening._clock import Clock, StoreClock, SystemClock
 from hardening._imports import require
 from hardening._redis import check_key_prefix, is_async_client, read_lua, redis_key
 from hardening._storage import warn_about_pool
@@ -151,10 +150,15 @@ class RedisBackend:
         client: a blocking ``redis.Redis``, ``redis.cluster.RedisCluster`` or Sentinel master
             client (e.g. from ``hardening._redis.client_from_url``); also used by
             :class:`~hardening.queue.QueueProcessor` as its rate-limit storage.
-        clock: the clock deciding leases and delays (a ``FakeClock`` in tests).
+        clock: the clock deciding leases and delays. By default Redis' own (``TIME``, read
+            through the host clock as a measured offset: :class:`~hardening._clock.StoreClock`),
+            so hosts whose clocks disagree still agree on every lease. A clock given here is
+            used as it is (a ``FakeClock`` in tests), unless ``store_clock=True``.
         key_prefix: the first part of every key: letters, digits and ``_.:/-*%`` (the
             queue's name, escaped by the shared key builder, is the hash tag).
         owns_client: close the client in :meth:`close` (true when built from a URL).
+        store_clock: read time from Redis through ``clock`` (default: only when no clock
+            is given).
 
     Raises:
         ConfigurationError: an asyncio client, or a bad ``key_prefix``.
@@ -167,13 +171,16 @@ class RedisBackend:
         clock: Clock | None = None,
         key_prefix: str = "hardening:q",
         owns_client: bool = False,
+        store_clock: bool | None = None,
     ) -> None:
         if is_async_client(client):
             raise ConfigurationError("RedisBackend needs a blocking redis client, not asyncio")
         if not owns_client:
             warn_about_pool(client, "RedisBackend")
         self.client = client
-        self.clock: Clock = clock or SystemClock()
+        host = clock or SystemClock()
+        use_store = clock is None if store_clock is None else store_clock
+        self.clock: Clock = StoreClock(host, self._store_time) if use_store else host
         self.key_prefix = check_key_prefix(key_prefix)
         self.owns_client = owns_client
         common = read_lua("hardening.queue", "common.lua")
@@ -210,6 +217,11 @@ class RedisBackend:
 
     def _job_prefix(self, queue: str) -> str:
         return redis_key(self.key_prefix, queue, "job:")
+
+    def _store_time(self) -> float:
+        with _unavailable():
+            seconds, micros = self.client.time()
+        return int(seconds) + int(micros) / 1_000_000
 
     def _run(self, name: str, queue: str, *args: str) -> Any:
         """Run one script on ``queue``'s keys, with the job key prefix and now first."""

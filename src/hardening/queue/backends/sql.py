@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from hardening._clock import Clock, SystemClock
+from hardening._clock import Clock, StoreClock, SystemClock
 from hardening._imports import require
 from hardening._sql import sql_unavailable, unavailable_from
 from hardening.errors import ConfigurationError, LeaseLost
@@ -53,6 +53,7 @@ workers died at once (the rest are recovered by the next claims)."""
 _DEDUPE_WHERE = "state = 'waiting' AND started_at IS NULL AND dedupe_key IS NOT NULL"
 _OLD_DEDUPE_INDEX = "{name}_dedupe_idx"  # held retrying jobs too: a retry could violate it
 _READY = sa.text("state IN ('waiting', 'retrying')")  # the ready index's predicate
+_STORE_NOW = sa.text("SELECT EXTRACT(EPOCH FROM clock_timestamp())")  # PostgreSQL's own time
 
 
 def jobs_table(
@@ -134,9 +135,15 @@ class SQLBackend:
 
     Args:
         engine: a SQLAlchemy ``Engine`` or URL (a URL makes an engine this backend owns).
-        clock: the clock deciding leases and delays (all workers need synchronised clocks).
+        clock: the clock deciding leases and delays. By default, on PostgreSQL, the
+            database's own (``clock_timestamp()``, read through the host clock as a measured
+            offset), so hosts whose clocks disagree still agree on every lease; SQLite (one
+            host) uses the host clock. A clock given here is used as it is (a ``FakeClock`` in
+            tests), unless ``store_clock=True``.
         table: the table's name.
         schema: the database schema.
+        store_clock: read time from the database through ``clock`` (default: on PostgreSQL,
+            only when no clock is given; SQLite never).
 
     Every method that runs SQL raises :class:`~hardening.BackendUnavailable` (``backend="sql"``)
     when the database cannot be reached, drops the connection or times out, as the Redis
@@ -153,6 +160,7 @@ class SQLBackend:
         clock: Clock | None = None,
         table: str = "hardening_jobs",
         schema: str | None = None,
+        store_clock: bool | None = None,
     ) -> None:
         self._owns_engine = isinstance(engine, str)
         self.engine: sa.Engine = sa.create_engine(engine) if isinstance(engine, str) else engine
@@ -163,10 +171,17 @@ class SQLBackend:
         # Every step below is one atomic statement: run it in autocommit, one round trip,
         # rather than BEGIN + statement + COMMIT (same pool, same connections).
         self._single: sa.Engine = self.engine.execution_options(isolation_level="AUTOCOMMIT")
-        self.clock: Clock = clock or SystemClock()
+        host = clock or SystemClock()
+        use_store = (clock is None if store_clock is None else store_clock) and self._postgres
+        self.clock: Clock = StoreClock(host, self._store_time) if use_store else host
         self.metadata = sa.MetaData()
         self.table = jobs_table(self.metadata, table, schema=schema)
         self._prepare()
+
+    @sql_unavailable
+    def _store_time(self) -> float:
+        with self._single.connect() as conn:
+            return float(conn.execute(_STORE_NOW).scalar_one())
 
     @sql_unavailable
     def create_schema(self) -> None:
