@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import logging
 import math
@@ -46,6 +47,10 @@ __all__ = ["QueueOptions", "QueueProcessor", "backend_from_url", "next_run_at"]
 
 logger = logging.getLogger("hardening.queue")
 
+_SESSION: contextvars.ContextVar[Any] = contextvars.ContextVar(
+    "hardening_queue_session", default=None
+)
+
 _DURATIONS = ("lease", "heartbeat", "retention", "poll_interval", "shutdown_grace")
 _OPTIONS = frozenset(
     {
@@ -57,6 +62,7 @@ _OPTIONS = frozenset(
         "max_payload_bytes",
         "metrics_interval",
         "timeout",
+        "transactional",
         *_DURATIONS,
     }
 )
@@ -131,6 +137,7 @@ class QueueOptions:
     max_payload_bytes: int
     metrics_interval: float
     timeout: float | None = None
+    transactional: bool = False
 
 
 class QueueProcessor:
@@ -146,7 +153,10 @@ class QueueProcessor:
     ``timeout`` (``None``: an attempt may run for ever; seconds: an attempt that runs longer
     fails with :class:`~hardening.JobTimedOut` and is retried by the backoff policy, its
     late result discarded. ``async def`` handlers are cancelled; a thread cannot be, so its
-    slot stays busy until the handler returns).
+    slot stays busy until the handler returns), ``transactional`` (``False``; on a SQL
+    backend, ``True`` runs each job in a database transaction: ``process`` writes through
+    :attr:`session`, and those writes commit together with the job's ack or not at all --
+    a job whose lease lapsed meanwhile has its writes rolled back: effectively once).
 
     A plain ``def process`` runs in worker threads (:meth:`run`); an ``async def process``
     runs on the event loop (:meth:`arun`). Delivery is at least once: a job whose worker dies
@@ -184,6 +194,7 @@ class QueueProcessor:
     poll_interval: ClassVar[float | timedelta] = 0.5
     shutdown_grace: ClassVar[float | timedelta] = 30.0
     timeout: ClassVar[float | timedelta | None] = None
+    transactional: ClassVar[bool] = False
     max_payload_bytes: ClassVar[int] = 1 << 20
     metrics_interval: ClassVar[float] = 10.0
 
@@ -216,6 +227,7 @@ class QueueProcessor:
                 if settings["timeout"] is None
                 else to_seconds(settings["timeout"], name="timeout", allow_zero=False)
             ),
+            transactional=bool(settings["transactional"]),
             poll_interval=max(durations.pop("poll_interval"), 0.001),
             **durations,
         )
@@ -226,11 +238,26 @@ class QueueProcessor:
             backend_from_url(backend, clock=clock) if isinstance(backend, str) else backend
         )
         self._limiter = self._make_limiter(self.options.rate_limit, rate_limit_storage)
+        if self.options.transactional:
+            self._check_transactional()
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._stop = threading.Event()
         self._async = inspect.iscoroutinefunction(self.process)
         self._last_report = -math.inf
         self._last_claim = -math.inf
+
+    def _check_transactional(self) -> None:
+        from hardening.queue.backends.sql import SQLBackend
+
+        if not isinstance(self.backend, SQLBackend):
+            raise ConfigurationError(
+                f"transactional processors need a SQL backend, not {type(self.backend).__name__}"
+                " (a Redis or memory ack cannot join a database transaction)"
+            )
+        if inspect.iscoroutinefunction(self.process):
+            raise ConfigurationError(
+                "transactional processors run a plain def process (in a worker thread)"
+            )
 
     def _make_limiter(self, rate: str | None, storage: object | None) -> RateLimiter | None:
         if rate is None:
@@ -434,6 +461,9 @@ class QueueProcessor:
         start = time.perf_counter()
         try:
             self._wait_for_rate_limit()
+            if self.options.transactional:
+                self._run_in_transaction(job, held, start)
+                return
             self.process(job)
         except Exception as exc:
             held.finished(_Outcome(job, time.perf_counter() - start, exc))
@@ -442,6 +472,58 @@ class QueueProcessor:
             raise
         else:
             held.finished(_Outcome(job, time.perf_counter() - start, None))
+
+    def _run_in_transaction(self, job: Job, held: _Held, start: float) -> None:
+        """``transactional``: the handler's writes and the ack commit together, or neither.
+
+        The ack is the transaction's last statement and checks the lease: a lease that lapsed
+        meanwhile (another worker may now run the job) rolls the handler's writes back.
+        """
+        from sqlalchemy.orm import Session
+
+        engine = self.backend.engine  # type: ignore[attr-defined]
+        with Session(engine) as session:
+            token = _SESSION.set(session)
+            try:
+                with session.begin():
+                    self.process(job)
+                    done: Job = self.backend.ack(job, session=session)  # type: ignore[call-arg]
+            except LeaseLost:
+                held.drop(job)
+                self._count(job, "lost", time.perf_counter() - start)
+                logger.warning(
+                    "job %s: its lease lapsed before its transaction committed; its writes "
+                    "were rolled back and it runs again",
+                    job.id,
+                )
+                return
+            except BackendUnavailable:
+                held.drop(job)  # committed or not, nobody can tell: at worst its lease lapses
+                logger.warning("job %s: the database failed at commit", job.id, exc_info=True)
+                return
+            finally:
+                _SESSION.reset(token)
+        held.drop(job)
+        self._count(done, "completed", time.perf_counter() - start)
+        _guard(self.on_success, done)
+
+    @property
+    def session(self) -> Any:
+        """The SQLAlchemy ``Session`` of the running job's transaction (``transactional``).
+
+        What ``process`` writes through it commits together with the job's ack, or not at
+        all: effectively once.
+
+        Raises:
+            ConfigurationError: outside ``process`` of a ``transactional`` processor.
+        """
+        session = _SESSION.get()
+        if session is None:
+            raise ConfigurationError(
+                "QueueProcessor.session exists only inside process() of a transactional "
+                "processor (transactional = True, on a SQL backend)"
+            )
+        return session
 
     def _record(self, held: _Held) -> None:
         """Store the outcomes of finished attempts: failures one by one, then one batch of acks.

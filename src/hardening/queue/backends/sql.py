@@ -552,6 +552,7 @@ class SQLBackend:
         statement: Any,
         outcome: str,
         error: JobError | None,
+        session: object | None = None,
         **params: object,
     ) -> Job:
         now = self.clock.time()
@@ -559,8 +560,11 @@ class SQLBackend:
         entry = Attempt(last.number, last.started_at, now, outcome, last.worker, error)
         attempt = json.dumps(entry.to_dict(), separators=(",", ":"))
         values = {"job_id": job.id, "p_token": job.lease_token, "p_now": now, "attempt": attempt}
-        with self._single.connect() as conn:
-            row = conn.execute(statement, {**values, **params}).first()
+        if session is not None:  # the caller's transaction: its writes and this commit as one
+            row = session.execute(statement, {**values, **params}).first()  # type: ignore[attr-defined]
+        else:
+            with self._single.connect() as conn:
+                row = conn.execute(statement, {**values, **params}).first()
         if row is None:
             raise LeaseLost(job.id, queue=job.queue)
         # the worker holds the rest of the job: rebuild it without re-parsing the row
@@ -575,14 +579,19 @@ class SQLBackend:
         )
 
     @sql_unavailable
-    def ack(self, job: Job) -> Job:
+    def ack(self, job: Job, *, session: object | None = None) -> Job:
         """Mark a claimed job completed.
+
+        Args:
+            job: the job as claimed.
+            session: a SQLAlchemy ``Session`` or ``Connection`` whose transaction the ack
+                joins (it commits with the caller's own writes, or not at all).
 
         Raises:
             LeaseLost: the lease lapsed or the token is stale.
             BackendUnavailable: the database could not be reached or timed out.
         """
-        return self._finish(job, self._ack_stmt, "completed", None)
+        return self._finish(job, self._ack_stmt, "completed", None, session=session)
 
     @sql_unavailable
     def ack_many(self, jobs: Sequence[Job]) -> list[Job | None]:
