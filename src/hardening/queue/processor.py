@@ -22,7 +22,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -35,8 +34,10 @@ from hardening.errors import (
     JobTimedOut,
     LeaseLost,
 )
+from hardening.queue._inflight import CANCEL_GRACE, Held, Idle, Outcome
 from hardening.queue.backends.base import RecoveringBackend
 from hardening.queue.job import Job, JobError, NewJob, QueueStats, encode_payload, new_job_id
+from hardening.queue.options import QueueOptions, backend_from_url, next_run_at
 
 if TYPE_CHECKING:
     from hardening.metrics import Metrics
@@ -50,94 +51,6 @@ logger = logging.getLogger("hardening.queue")
 _SESSION: contextvars.ContextVar[Any] = contextvars.ContextVar(
     "hardening_queue_session", default=None
 )
-
-_DURATIONS = ("lease", "heartbeat", "retention", "poll_interval", "shutdown_grace")
-_OPTIONS = frozenset(
-    {
-        "queue",
-        "max_attempts",
-        "backoff",
-        "concurrency",
-        "rate_limit",
-        "max_payload_bytes",
-        "metrics_interval",
-        "timeout",
-        "transactional",
-        *_DURATIONS,
-    }
-)
-
-
-def next_run_at(job: Job, now: float, backoff: Backoff) -> float | None:
-    """The retry policy: when a failed job runs next, or ``None`` when it is dead.
-
-    Args:
-        job: the job whose attempt just failed (``attempts`` counts that attempt).
-        now: the current time.
-        backoff: the delay policy.
-
-    Returns:
-        The time of the next attempt, or ``None`` once ``max_attempts`` attempts were made.
-    """
-    if job.attempts >= job.max_attempts:
-        return None
-    return now + backoff.delay(job.attempts)
-
-
-def backend_from_url(url: str, *, clock: Clock | None = None) -> QueueBackend:
-    """Build a backend from a URL.
-
-    Args:
-        url: ``memory://``, any SQLAlchemy URL (``sqlite:///jobs.db``,
-            ``postgresql+psycopg://…``), or a Redis URL (``redis://``, ``rediss://``,
-            ``redis+cluster://``, ``redis+sentinel://``).
-        clock: the clock for leases and delays.
-
-    Returns:
-        The backend; backends built from a URL own their connections (``close()``).
-
-    Raises:
-        ConfigurationError: an unknown scheme.
-    """
-    from hardening._redis import client_from_url, is_redis_url
-
-    if url == "memory://":
-        from hardening.queue.backends.memory import MemoryBackend
-
-        return MemoryBackend(clock=clock)
-    if is_redis_url(url):
-        from hardening.queue.backends.redis import RedisBackend
-
-        return RedisBackend(client_from_url(url), clock=clock, owns_client=True)
-    scheme = url.split(":", 1)[0]
-    if scheme.startswith(("sqlite", "postgresql", "postgres", "mysql", "mariadb")):
-        from hardening.queue.backends.sql import SQLBackend
-
-        return SQLBackend(url, clock=clock)
-    raise ConfigurationError(f"unsupported queue backend URL {url!r}")
-
-
-@dataclass(frozen=True, slots=True)
-class QueueOptions:
-    """A processor's options, resolved from class attributes and keyword arguments.
-
-    Durations are seconds; see :class:`QueueProcessor` for each one's meaning.
-    """
-
-    queue: str
-    max_attempts: int
-    backoff: Backoff
-    lease: float
-    heartbeat: float
-    concurrency: int
-    rate_limit: str | None
-    retention: float
-    poll_interval: float
-    shutdown_grace: float
-    max_payload_bytes: int
-    metrics_interval: float
-    timeout: float | None = None
-    transactional: bool = False
 
 
 class QueueProcessor:
@@ -207,32 +120,9 @@ class QueueProcessor:
         rate_limit_storage: object | None = None,
         **options: Any,
     ) -> None:
-        unknown = set(options) - _OPTIONS
-        if unknown:
-            raise ConfigurationError(f"unknown queue options: {sorted(unknown)}")
-        settings = {name: options.get(name, getattr(type(self), name)) for name in _OPTIONS}
+        self.options = QueueOptions.resolve(type(self), options)
         self.clock: Clock = clock or SystemClock()
         self.metrics = metrics
-        durations = {name: to_seconds(settings[name], name=name) for name in _DURATIONS}
-        self.options = QueueOptions(
-            queue=_text(settings["queue"], "queue"),
-            max_attempts=_positive_int(settings["max_attempts"], "max_attempts"),
-            backoff=Backoff.of(settings["backoff"]),
-            concurrency=_positive_int(settings["concurrency"], "concurrency"),
-            rate_limit=settings["rate_limit"],
-            max_payload_bytes=_positive_int(settings["max_payload_bytes"], "max_payload_bytes"),
-            metrics_interval=to_seconds(settings["metrics_interval"], name="metrics_interval"),
-            timeout=(
-                None
-                if settings["timeout"] is None
-                else to_seconds(settings["timeout"], name="timeout", allow_zero=False)
-            ),
-            transactional=bool(settings["transactional"]),
-            poll_interval=max(durations.pop("poll_interval"), 0.001),
-            **durations,
-        )
-        if not 0 < self.options.heartbeat < self.options.lease:
-            raise ConfigurationError("heartbeat must be positive and shorter than lease")
         self.queue_name = self.options.queue
         self.backend: QueueBackend = (
             backend_from_url(backend, clock=clock) if isinstance(backend, str) else backend
@@ -457,7 +347,7 @@ class QueueProcessor:
             self.metrics.queue_depth(self.queue_name, state, getattr(stats, state))
         self.metrics.queue_oldest_age(self.queue_name, stats.oldest_waiting_age)
 
-    def _run_sync_job(self, job: Job, held: _Held) -> None:
+    def _run_sync_job(self, job: Job, held: Held) -> None:
         start = time.perf_counter()
         try:
             self._wait_for_rate_limit()
@@ -466,14 +356,14 @@ class QueueProcessor:
                 return
             self.process(job)
         except Exception as exc:
-            held.finished(_Outcome(job, time.perf_counter() - start, exc))
+            held.finished(Outcome(job, time.perf_counter() - start, exc))
         except BaseException:
             held.drop(job)
             raise
         else:
-            held.finished(_Outcome(job, time.perf_counter() - start, None))
+            held.finished(Outcome(job, time.perf_counter() - start, None))
 
-    def _run_in_transaction(self, job: Job, held: _Held, start: float) -> None:
+    def _run_in_transaction(self, job: Job, held: Held, start: float) -> None:
         """``transactional``: the handler's writes and the ack commit together, or neither.
 
         The ack is the transaction's last statement and checks the lease: a lease that lapsed
@@ -525,7 +415,7 @@ class QueueProcessor:
             )
         return session
 
-    def _record(self, held: _Held) -> None:
+    def _record(self, held: Held) -> None:
         """Store the outcomes of finished attempts: failures one by one, then one batch of acks.
 
         A job stays held, its lease renewed by the heartbeats, until its outcome is stored.
@@ -547,7 +437,7 @@ class QueueProcessor:
             held.keep(unrecorded)
             logger.warning("recording %d finished jobs failed; retrying (%s)", len(unrecorded), exc)
 
-    def _record_failure(self, outcome: _Outcome) -> None:
+    def _record_failure(self, outcome: Outcome) -> None:
         """Record one failed attempt; an outage raises BackendUnavailable."""
         if outcome.error is None:
             return
@@ -562,7 +452,7 @@ class QueueProcessor:
                 exc_info=True,
             )
 
-    def _acked(self, completed: list[_Outcome]) -> None:
+    def _acked(self, completed: list[Outcome]) -> None:
         """Ack completed jobs in one round trip; an outage raises BackendUnavailable."""
         try:
             results = self.backend.ack_many([o.job for o in completed])
@@ -583,7 +473,7 @@ class QueueProcessor:
                 self._count(outcome.job, "completed", outcome.duration)
                 _guard(self.on_success, done)
 
-    def _leftovers(self, held: _Held) -> list[Job]:
+    def _leftovers(self, held: Held) -> list[Job]:
         """At shutdown: the held jobs still running, which the caller releases.
 
         Outcomes the store never took are left to lapse: releasing a finished job would run it
@@ -648,7 +538,7 @@ class QueueProcessor:
     def _run_threads(self, *, until_empty: bool) -> int:
         # ``_stop`` is cleared when a run ends, not when it starts: a stop() that comes
         # before the worker thread gets here must not be lost
-        held = _Held()
+        held = Held()
         beat_stop = threading.Event()
         beat = threading.Thread(
             target=self._heartbeats,
@@ -662,7 +552,7 @@ class QueueProcessor:
         )
         futures: set[Future[None]] = set()
         attempts = 0
-        idle = _Idle(self.options.poll_interval)
+        idle = Idle(self.options.poll_interval)
         try:
             while not self._stop.is_set():
                 self._report_depth()
@@ -705,7 +595,7 @@ class QueueProcessor:
             self._stop.clear()
         return attempts
 
-    def _expire(self, held: _Held) -> float | None:
+    def _expire(self, held: Held) -> float | None:
         """Fail overdue attempts (``timeout``); seconds to the next deadline, 0.0 if any failed.
 
         ``None`` when no timeout is set or nothing is running.
@@ -767,7 +657,7 @@ class QueueProcessor:
             else:
                 logger.warning("job %s lost its worker; it runs again", job.id)
 
-    def _claim(self, free: int, idle: _Idle) -> list[Job]:
+    def _claim(self, free: int, idle: Idle) -> list[Job]:
         self._recover()
         try:
             jobs = self.backend.claim(
@@ -782,11 +672,11 @@ class QueueProcessor:
         idle.reset()  # the backend answered: back to the normal poll interval
         return jobs
 
-    def _heartbeats(self, held: _Held, stop: threading.Event) -> None:
+    def _heartbeats(self, held: Held, stop: threading.Event) -> None:
         while not stop.wait(self.options.heartbeat):
             self._beat(held)
 
-    def _beat(self, held: _Held) -> None:
+    def _beat(self, held: Held) -> None:
         jobs = held.jobs()
         if not jobs:
             return
@@ -828,7 +718,7 @@ class QueueProcessor:
         """The asyncio twin of :meth:`run_until_empty`."""
         return await self._run_tasks(until_empty=True)
 
-    async def _run_async_job(self, job: Job, held: _Held) -> None:
+    async def _run_async_job(self, job: Job, held: Held) -> None:
         start = time.perf_counter()
         try:
             await asyncio.to_thread(self._wait_for_rate_limit)
@@ -843,7 +733,7 @@ class QueueProcessor:
                 logger.warning("job %s ran longer than its %g s timeout: failed", job.id, timeout)
                 raise JobTimedOut(job.id, timeout, queue=self.queue_name) from exc
         except Exception as exc:
-            held.finished(_Outcome(job, time.perf_counter() - start, exc))
+            held.finished(Outcome(job, time.perf_counter() - start, exc))
         except asyncio.CancelledError:
             if self._async:  # the handler itself stopped: its job may be handed back
                 held.stopped(job)
@@ -853,13 +743,13 @@ class QueueProcessor:
             held.drop(job)
             raise
         else:
-            held.finished(_Outcome(job, time.perf_counter() - start, None))
+            held.finished(Outcome(job, time.perf_counter() - start, None))
 
     async def _run_tasks(self, *, until_empty: bool) -> int:
-        held = _Held()
+        held = Held()
         tasks: set[asyncio.Task[None]] = set()
         attempts = 0
-        idle = _Idle(self.options.poll_interval)
+        idle = Idle(self.options.poll_interval)
 
         async def beats() -> None:
             while True:
@@ -897,7 +787,7 @@ class QueueProcessor:
             for task in running:  # past the grace: stop the handlers first...
                 task.cancel()
             if running:
-                await asyncio.wait(running, timeout=_CANCEL_GRACE)
+                await asyncio.wait(running, timeout=CANCEL_GRACE)
             await asyncio.to_thread(self._record, held)
             stopped = held.stopped_ids()
             for job in self._leftovers(held):
@@ -927,161 +817,8 @@ class QueueProcessor:
         return f"{type(self).__name__}(queue={self.queue_name!r}, backend={backend})"
 
 
-_CANCEL_GRACE = 1.0  # seconds a cancelled handler gets to unwind before its job is judged
-
-
-@dataclass(frozen=True, slots=True)
-class _Outcome:
-    """A finished attempt whose outcome the store has not recorded yet."""
-
-    job: Job
-    duration: float
-    error: Exception | None  # None: it completed
-
-
-class _Held:
-    """The jobs a worker holds leases on: running ones, and finished ones not yet recorded.
-
-    Shared by the worker loop, the jobs (threads or tasks) and the heartbeats, under one lock.
-    A job is held from its claim until its outcome is stored (or it is released at shutdown),
-    so the heartbeats keep its lease while an outage delays the recording.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._jobs: dict[str, Job] = {}
-        self._outcomes: list[_Outcome] = []
-        self._stopped: set[str] = set()
-        self._started: dict[str, float] = {}  # monotonic start of each running attempt
-        self._timed_out: set[str] = set()  # their handler's own outcome, if any, is stale
-
-    def add(self, job: Job) -> None:
-        with self._lock:
-            self._started[job.id] = time.monotonic()
-            self._jobs[job.id] = job
-
-    def drop(self, job: Job) -> None:
-        with self._lock:
-            self._jobs.pop(job.id, None)
-
-    def stopped(self, job: Job) -> None:
-        """The job's handler was cancelled and has stopped: it may be handed back."""
-        with self._lock:
-            self._stopped.add(job.id)
-
-    def stopped_ids(self) -> set[str]:
-        """The jobs whose handlers were cancelled and stopped."""
-        with self._lock:
-            return set(self._stopped)
-
-    def finished(self, outcome: _Outcome) -> None:
-        """The attempt is over; the job stays held until the loop records the outcome.
-
-        The late outcome of an attempt that timed out is dropped: its failure stands.
-        """
-        with self._lock:
-            job_id = outcome.job.id
-            self._started.pop(job_id, None)
-            if job_id in self._timed_out:
-                self._timed_out.discard(job_id)
-                return
-            self._outcomes.append(outcome)
-
-    def overdue(self, timeout: float, queue: str) -> tuple[list[Job], float | None]:
-        """Fail the attempts running longer than ``timeout``: ``(them, seconds to the next)``.
-
-        Each overdue attempt gets a :class:`~hardening.JobTimedOut` outcome now (recorded by
-        the loop like any failure); whatever its handler returns later is discarded.
-        """
-        now = time.monotonic()
-        nearest: float | None = None
-        expired: list[Job] = []
-        with self._lock:
-            for job_id, started in list(self._started.items()):
-                left = started + timeout - now
-                if left > 0:
-                    nearest = left if nearest is None else min(nearest, left)
-                    continue
-                job = self._jobs.get(job_id)
-                del self._started[job_id]
-                if job is None:
-                    continue
-                self._timed_out.add(job_id)
-                error = JobTimedOut(job_id, timeout, queue=queue)
-                self._outcomes.append(_Outcome(job, now - started, error))
-                expired.append(job)
-        return expired, nearest
-
-    def take_outcomes(self) -> list[_Outcome]:
-        """Every outcome waiting; their jobs are no longer held.
-
-        A heartbeat from now on must not call them lost: their outcomes are being stored.
-        """
-        with self._lock:
-            batch, self._outcomes = self._outcomes, []
-            for outcome in batch:
-                self._jobs.pop(outcome.job.id, None)
-        return batch
-
-    def keep(self, outcomes: list[_Outcome]) -> None:
-        """Outcomes the store could not take: held again, first in line for the next pass."""
-        with self._lock:
-            self._outcomes[:0] = outcomes
-            for outcome in outcomes:
-                self._jobs[outcome.job.id] = outcome.job
-
-    def waiting_outcomes(self) -> int:
-        return len(self._outcomes)
-
-    def jobs(self) -> list[Job]:
-        with self._lock:
-            return list(self._jobs.values())
-
-    def holds(self, job_id: str) -> bool:
-        with self._lock:
-            return job_id in self._jobs
-
-    def running(self) -> list[Job]:
-        """The held jobs whose attempt is not over."""
-        with self._lock:
-            finished = {outcome.job.id for outcome in self._outcomes}
-            return [job for job in self._jobs.values() if job.id not in finished]
-
-
-class _Idle:
-    """How long to wait when there is nothing to claim.
-
-    The poll interval, or a growing backoff (to 30 s) while the backend is failing.
-    """
-
-    def __init__(self, poll: float) -> None:
-        self.poll = poll
-        self.wait = poll
-
-    def next(self) -> float:
-        return self.wait
-
-    def reset(self) -> None:
-        self.wait = self.poll
-
-    def failed(self) -> None:
-        self.wait = min(30.0, max(self.wait * 2, self.poll))
-
-
 def _guard(hook: Callable[..., object], *args: object) -> None:
     try:
         hook(*args)
     except Exception:
         logger.exception("queue hook %s failed", getattr(hook, "__name__", hook))
-
-
-def _positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError(f"{name} must be a positive integer, not {value!r}")
-    return value
-
-
-def _text(value: object, name: str) -> str:
-    if not isinstance(value, str) or not value or len(value) > 100:
-        raise ConfigurationError(f"{name} must be a non-empty string of at most 100 characters")
-    return value
