@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from hardening._clock import Clock
 
-__all__ = ["BackendHealth", "Breaker", "is_backend_failure"]
+__all__ = ["Breaker", "is_backend_failure"]
 
 # Server replies that say the backend (not the request) is in trouble.
 _BACKEND_REPLIES = (
@@ -147,12 +147,6 @@ class Breaker:
             self.probes += 1
             return self._probe
 
-    def usable(self) -> bool:
-        """Whether a call without a ticket may go to the backend (closed, or a probe is due)."""
-        return self._window == 0.0 or (
-            self._clock.monotonic() >= self._retry_at and not self._probe
-        )
-
     def retry_in(self) -> float:
         """Seconds until the next probe is due (at least the initial window)."""
         return max(self._retry_at - self._clock.monotonic(), self._initial)
@@ -201,7 +195,3 @@ class Breaker:
             self._retry_at = 0.0
             self._probe = 0
             return recovered
-
-
-BackendHealth = Breaker
-"""The name the primitives used before the breaker gained probes."""
