@@ -156,3 +156,31 @@ def test_worker_command_processes_and_stops_gracefully(tmp_path: Any) -> None:
     assert "worker stopped" in output
     assert sorted(log.read_text().splitlines()) == [f"{{'n': {n}}}" for n in range(5)]
     backend.close()
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgres"])
+def test_a_missing_table_is_one_line_naming_the_fix(
+    engine: str, request: pytest.FixtureRequest, tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A queue whose table was never created: one line saying to run 'hardening queue init'."""
+    if engine == "sqlite":
+        url = f"sqlite:///{tmp_path}/empty.db"
+    else:
+        schema = request.getfixturevalue("pg_schema")
+        base = request.getfixturevalue("postgres_url")
+        url = f"{base}?options=-csearch_path%3D{schema}"
+    assert main(["queue", "stats", "--backend", url, "--queue", "q"]) == 1
+    assert capsys.readouterr().err == (
+        "error: the queue's table does not exist: run 'hardening queue init'\n"
+    )
+
+
+def test_an_unreachable_database_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """PostgreSQL refusing connections: one line, exit 1 (it used to be a 50-line traceback)."""
+    from tests.conftest import free_port
+
+    url = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/test?connect_timeout=2"
+    assert main(["queue", "stats", "--backend", url, "--queue", "q"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: sql backend unavailable")
+    assert len(err.splitlines()) == 1

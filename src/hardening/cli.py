@@ -256,9 +256,29 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
     handlers = {"ratelimit": _ratelimit, "worker": _worker, "queue": _queue}
     try:
         return handlers[args.command](args, stream)
-    except HardeningError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except Exception as exc:
+        # one line with the fix, not a page of SQLAlchemy traceback (on Python 3.10 SQLite
+        # cannot tell a missing table from an outage: look behind BackendUnavailable too)
+        if _missing_table(exc) or _missing_table(exc.__cause__):
+            print(
+                "error: the queue's table does not exist: run 'hardening queue init'",
+                file=sys.stderr,
+            )
+            return 1
+        if isinstance(exc, HardeningError):
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+def _missing_table(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is the database saying a table does not exist (PostgreSQL, SQLite)."""
+    if exc is None or type(exc).__module__.split(".")[0] != "sqlalchemy":
+        return False
+    orig = getattr(exc, "orig", None)
+    if getattr(orig, "sqlstate", None) == "42P01":  # undefined_table
+        return True
+    return "no such table" in str(orig or "")
 
 
 if __name__ == "__main__":  # pragma: no cover
