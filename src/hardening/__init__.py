@@ -11,6 +11,7 @@ import importlib.metadata as _metadata
 import typing as _typing
 
 from hardening._clock import Clock, FakeClock, SystemClock
+from hardening._sql import statement_deadline
 from hardening.errors import (
     BackendUnavailable,
     CacheError,
@@ -386,6 +387,7 @@ __all__ = [  # noqa: RUF022
     "routed_sessionmaker",
     "routed_sessionmaker_from_env",
     "sql_loader",
+    "statement_deadline",
     "update_versioned",
     "update_versioned_async",
     "user_key",

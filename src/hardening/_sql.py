@@ -16,15 +16,20 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import heapq
 import inspect
+import os
+import socket
 import sys
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, cast
 
 from hardening.errors import BackendUnavailable, HardeningError
 
-__all__ = ["map_outages", "sql_unavailable", "unavailable_from"]
+__all__ = ["map_outages", "sql_unavailable", "statement_deadline", "unavailable_from"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -164,3 +169,140 @@ def sql_unavailable(func: Callable[P, R]) -> Callable[P, R]:
             return func(*args, **kwargs)
 
     return wrapper
+
+
+# --- a client-side deadline for every statement ----------------------------------------------
+
+
+class _Armed:
+    __slots__ = ("cancelled", "deadline", "fd")
+
+    def __init__(self, deadline: float, fd: int) -> None:
+        self.deadline = deadline
+        self.fd = fd
+        self.cancelled = False
+
+    def __lt__(self, other: _Armed) -> bool:
+        return self.deadline < other.deadline
+
+
+class _Watchdog:
+    """One thread for every armed statement: at its deadline, shut its socket down."""
+
+    def __init__(self) -> None:
+        self._heap: list[_Armed] = []
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def arm(self, seconds: float, fd: int) -> _Armed:
+        armed = _Armed(time.monotonic() + seconds, fd)
+        with self._cond:
+            heapq.heappush(self._heap, armed)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="hardening-sql-deadline", daemon=True
+                )
+                self._thread.start()
+            elif self._heap[0] is armed:
+                self._cond.notify()
+        return armed
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._heap and self._heap[0].cancelled:
+                    heapq.heappop(self._heap)
+                if not self._heap:
+                    self._cond.wait(60)
+                    if not self._heap:
+                        self._thread = None
+                        return
+                    continue
+                left = self._heap[0].deadline - time.monotonic()
+                if left > 0:
+                    self._cond.wait(left)
+                    continue
+                due = heapq.heappop(self._heap)
+            if not due.cancelled:
+                _shut(due.fd)
+
+
+def _shut(fd: int) -> None:
+    """Shut a socket down under its owner: a blocked read returns, the driver fails."""
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError:  # closed meanwhile: the statement ended
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+_WATCHDOG = _Watchdog()
+
+
+def _socket_of(dbapi_connection: Any) -> int | None:
+    """The socket a DBAPI connection talks over (psycopg sync or async), or ``None``."""
+    for candidate in (dbapi_connection, getattr(dbapi_connection, "_connection", None)):
+        fileno = getattr(candidate, "fileno", None)
+        if callable(fileno):
+            try:
+                fd = fileno()
+            except Exception:  # closed, or a driver without one (SQLite): no deadline
+                return None
+            return fd if isinstance(fd, int) and fd >= 0 else None
+    return None
+
+
+def statement_deadline(engine: Any, seconds: float) -> None:
+    """Bound every statement ``engine`` runs: past ``seconds``, its connection is cut.
+
+    A database server that goes silent under an open connection (a hung process, a
+    partition whose kernel still acknowledges packets) is otherwise waited on for ever:
+    libpq's ``connect_timeout`` covers connecting only, TCP keepalives see a live peer, and
+    ``statement_timeout`` runs on the silent server itself. With a deadline, the statement's
+    socket is shut down when it passes; the driver fails, SQLAlchemy invalidates the
+    connection, and the primitives raise :class:`~hardening.BackendUnavailable` (503). One
+    watchdog thread serves every statement. Choose a deadline longer than your slowest
+    legitimate statement (it cuts those too).
+
+    Args:
+        engine: a SQLAlchemy ``Engine`` or ``AsyncEngine`` (psycopg; drivers without a socket,
+            such as SQLite, are left unbounded).
+        seconds: the longest a statement may take.
+
+    Raises:
+        ConfigurationError: ``seconds`` is not positive.
+    """
+    import sqlalchemy as sa
+
+    from hardening._clock import to_seconds
+
+    limit = to_seconds(seconds, name="seconds", allow_zero=False)
+    target = getattr(engine, "sync_engine", engine)
+
+    def before(
+        conn: Any, cursor: Any, statement: Any, params: Any, context: Any, many: Any
+    ) -> None:
+        fd = _socket_of(conn.connection.dbapi_connection)
+        if fd is not None and context is not None:
+            context._hardening_deadline = _WATCHDOG.arm(limit, fd)
+
+    def after(conn: Any, cursor: Any, statement: Any, params: Any, context: Any, many: Any) -> None:
+        _disarm(context)
+
+    def failed(exception_context: Any) -> None:
+        _disarm(exception_context.execution_context)
+
+    sa.event.listen(target, "before_cursor_execute", before)
+    sa.event.listen(target, "after_cursor_execute", after)
+    sa.event.listen(target, "handle_error", failed)
+
+
+def _disarm(context: Any) -> None:
+    armed = getattr(context, "_hardening_deadline", None)
+    if armed is not None:
+        armed.cancelled = True
