@@ -10,6 +10,7 @@ import pytest
 
 from hardening import Backoff, FakeClock, JobRejected, LeaseLost, Metrics
 from hardening.queue import Job, QueueBackend, QueueProcessor
+from hardening.queue._inflight import Idle
 from hardening.queue.job import JobError, NewJob
 from tests.queue.conftest import new_job
 
@@ -431,13 +432,15 @@ def test_crash_deaths_call_the_hooks_and_count(
     """Jobs whose worker died: the worker that finds them calls on_failure / on_dead and
     counts them, as for any other failure or death."""
     metrics = Metrics()
-    proc = make_processor(Recorder, max_attempts=1)
+    proc = make_processor(Recorder, max_lost=2)
     proc.metrics = metrics
-    doomed = proc.enqueue("crashes its worker")
-    survivor = make_processor(Recorder, max_attempts=2).enqueue("crashes once")
+    doomed = proc.enqueue("crashes its worker every time")
+    assert len(backend.claim("contract", worker="crashed", limit=10, lease=5)) == 1
+    clock.advance(6)
+    survivor = proc.enqueue("crashes once")
     claimed = backend.claim("contract", worker="crashed", limit=10, lease=5)
     assert {job.id for job in claimed} == {doomed.id, survivor.id}
-    clock.advance(6)  # the crashed worker's leases lapse
+    clock.advance(6)  # the crashed worker's leases lapse again
     assert proc.run_until_empty() == 1  # the survivor runs again; the doomed one is dead
     assert proc.dead == [doomed.id]
     assert sorted(job_id for job_id, _ in proc.failures) == sorted([doomed.id, survivor.id])
@@ -447,3 +450,45 @@ def test_crash_deaths_call_the_hooks_and_count(
     assert sample("hardening_jobs_total", {"queue": "contract", "outcome": "lost"}) == 2
     (dead,) = backend.dead_letters("contract")
     assert dead.id == doomed.id
+    assert (dead.lost, dead.failures) == (2, 0)
+
+
+def test_losses_and_failures_have_separate_budgets(
+    make_processor: Make, backend: QueueBackend, clock: FakeClock
+) -> None:
+    """A job lost twice with crashed workers still has all its own attempts: it fails three
+    times (max_attempts=3) before it is dead."""
+    proc = make_processor(Recorder, max_attempts=3, max_lost=3, backoff=NO_JITTER)
+    job = proc.enqueue({"fail": 99})
+    for _ in range(2):
+        backend.claim("contract", worker="crashed", limit=1, lease=5)
+        clock.advance(6)
+        proc._recover()
+    for _ in range(5):
+        clock.advance(10_000)
+        proc.run_until_empty()
+    dead = backend.get("contract", job.id)
+    assert dead is not None
+    assert dead.state == "dead"
+    assert [a.outcome for a in dead.history] == ["lost", "lost", "failed", "failed", "failed"]
+    assert (dead.lost, dead.failures) == (2, 3)
+
+
+def test_a_suspect_job_runs_alone(
+    make_processor: Make, backend: QueueBackend, clock: FakeClock
+) -> None:
+    """A job that lost an attempt with a crashed worker runs alone: an idle worker claims it
+    and nothing else; the others wait for the next claim."""
+    proc = make_processor(Recorder, concurrency=4)
+    suspect = proc.enqueue("was in flight when a worker died")
+    backend.claim("contract", worker="crashed", limit=1, lease=5)
+    clock.advance(6)
+    proc._recover()
+    others = [proc.enqueue(n) for n in range(3)]
+    jobs = proc._claim(4, Idle(0.01))
+    assert [job.id for job in jobs] == [suspect.id]
+    assert not proc._should_claim(3, 1)  # while it runs, nothing else is claimed
+    waiting = [backend.get("contract", job.id) for job in others]
+    assert all(job is not None and job.state == "waiting" for job in waiting)
+    assert all(job is not None and job.attempts == 0 for job in waiting)  # handed back free
+    assert proc._should_claim(4, 0)  # idle again: claims resume

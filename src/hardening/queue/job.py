@@ -143,6 +143,16 @@ class Job:
     lease_token: str | None = field(default=None, repr=False)
     lease_expires_at: float | None = None
 
+    @property
+    def lost(self) -> int:
+        """Attempts lost with their worker (its lease lapsed): counted apart from failures."""
+        return sum(1 for attempt in self.history if attempt.outcome == "lost")
+
+    @property
+    def failures(self) -> int:
+        """Attempts that were not lost: the job's own failures, the running one included."""
+        return self.attempts - self.lost
+
     def with_changes(self, **changes: object) -> Job:
         """A copy with some fields changed."""
         return replace(self, **changes)  # type: ignore[arg-type]

@@ -21,6 +21,7 @@ _OPTIONS = frozenset(
     {
         "queue",
         "max_attempts",
+        "max_lost",
         "backoff",
         "concurrency",
         "rate_limit",
@@ -42,11 +43,13 @@ def next_run_at(job: Job, now: float, backoff: Backoff) -> float | None:
         backoff: the delay policy.
 
     Returns:
-        The time of the next attempt, or ``None`` once ``max_attempts`` attempts were made.
+        The time of the next attempt, or ``None`` once the job's own failures reach
+        ``max_attempts`` (attempts lost with a crashed worker count apart, against
+        ``max_lost``).
     """
-    if job.attempts >= job.max_attempts:
+    if job.failures >= job.max_attempts:
         return None
-    return now + backoff.delay(job.attempts)
+    return now + backoff.delay(job.failures)
 
 
 def backend_from_url(url: str, *, clock: Clock | None = None) -> QueueBackend:
@@ -103,6 +106,7 @@ class QueueOptions:
     metrics_interval: float
     timeout: float | None = None
     transactional: bool = False
+    max_lost: int = 3
 
     @classmethod
     def resolve(cls, defaults: type, options: Mapping[str, Any]) -> QueueOptions:
@@ -138,6 +142,7 @@ class QueueOptions:
             if timeout is None
             else to_seconds(timeout, name="timeout", allow_zero=False),
             transactional=bool(settings["transactional"]),
+            max_lost=_positive_int(settings["max_lost"], "max_lost"),
             poll_interval=max(durations.pop("poll_interval"), 0.001),
             **durations,
         )

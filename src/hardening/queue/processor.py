@@ -57,7 +57,10 @@ class QueueProcessor:
     """Base class of a job queue's workers: subclass and implement :meth:`process`.
 
     Options are class attributes, overridable per instance by keyword argument:
-    ``queue`` (name), ``max_attempts`` (3), ``backoff`` (a :class:`~hardening.Backoff` or base
+    ``queue`` (name), ``max_attempts`` (3: the job's own failures), ``max_lost`` (3:
+    attempts lost with a crashed worker, counted apart, so that a job killing its worker does
+    not cost its innocent neighbours their attempts; a job that lost one runs alone next
+    time), ``backoff`` (a :class:`~hardening.Backoff` or base
     seconds: exponential with full jitter), ``lease`` (30 s a claim lasts unless renewed),
     ``heartbeat`` (10 s between renewals, from a separate thread, so CPU-bound jobs keep their
     lease), ``concurrency`` (1), ``rate_limit`` (queue-global, e.g. ``"100/second"``),
@@ -107,6 +110,7 @@ class QueueProcessor:
     poll_interval: ClassVar[float | timedelta] = 0.5
     shutdown_grace: ClassVar[float | timedelta] = 30.0
     timeout: ClassVar[float | timedelta | None] = None
+    max_lost: ClassVar[int] = 3
     transactional: ClassVar[bool] = False
     max_payload_bytes: ClassVar[int] = 1 << 20
     metrics_interval: ClassVar[float] = 10.0
@@ -135,6 +139,7 @@ class QueueProcessor:
         self._async = inspect.iscoroutinefunction(self.process)
         self._last_report = -math.inf
         self._last_claim = -math.inf
+        self._isolating = False  # a suspect job runs alone: no claims until this worker idles
 
     def _check_transactional(self) -> None:
         from hardening.queue.backends.sql import SQLBackend
@@ -616,7 +621,9 @@ class QueueProcessor:
     def _should_claim(self, free: int, busy: int) -> bool:
         # Claim in batches (half the slots or more) rather than a round trip per job, but
         # never leave a free slot idle longer than the poll interval.
-        if free <= 0:
+        if busy == 0:
+            self._isolating = False  # the suspect (or the jobs it waited for) are done
+        if free <= 0 or self._isolating:
             return False
         now = time.monotonic()
         if busy == 0 or free * 2 >= self.options.concurrency:
@@ -638,7 +645,7 @@ class QueueProcessor:
         if not isinstance(backend, RecoveringBackend):
             return
         try:
-            recovered = backend.recover(self.queue_name)
+            recovered = backend.recover(self.queue_name, max_lost=self.options.max_lost)
         except Exception:  # the claim that follows meets the same trouble and reports it
             return
         for job in recovered:
@@ -670,7 +677,28 @@ class QueueProcessor:
             idle.failed()
             return []
         idle.reset()  # the backend answered: back to the normal poll interval
-        return jobs
+        return self._isolate(jobs, busy=free < self.options.concurrency)
+
+    def _isolate(self, jobs: list[Job], *, busy: bool) -> list[Job]:
+        """Run a suspect job alone, so that a job that kills its worker kills only itself.
+
+        A suspect lost an attempt with a crashed worker: it may be the job that crashed it,
+        or an innocent that was in flight beside it. Idle, this worker keeps one suspect and
+        claims nothing else until it ends; busy, it hands suspects back (they wait for an
+        idle worker) and claims no more until its jobs are done. Hand-backs count no attempt.
+        """
+        suspects = [job for job in jobs if job.lost]
+        if not suspects:
+            return jobs
+        keep = [job for job in jobs if not job.lost] if busy else suspects[:1]
+        for job in jobs:
+            if job not in keep:
+                try:
+                    self.backend.release(job)
+                except Exception:  # its lease lapses instead: one lost attempt more
+                    logger.warning("could not hand back job %s", job.id, exc_info=True)
+        self._isolating = True
+        return keep
 
     def _heartbeats(self, held: Held, stop: threading.Event) -> None:
         while not stop.wait(self.options.heartbeat):

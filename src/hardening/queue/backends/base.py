@@ -123,8 +123,12 @@ class RecoveringBackend(Protocol):
     count them, whichever process that is. The built-in backends all do.
     """
 
-    def recover(self, queue: str, *, limit: int = 1000) -> list[Job]:
+    def recover(self, queue: str, *, limit: int = 1000, max_lost: int | None = None) -> list[Job]:
         """Retry or dead-letter up to ``limit`` jobs whose lease lapsed.
+
+        With ``max_lost``, a job is dead-lettered once it has lost that many attempts with a
+        worker (its own failures count apart, against ``max_attempts``); without it, once its
+        attempts reach ``max_attempts`` (as the recovery inside ``claim`` does).
 
         Returns:
             The recovered jobs as they are now (``retrying`` or ``dead``).

@@ -77,7 +77,7 @@ class MemoryBackend:
             self._schedule(queue, stored, self.clock.time())
             return stored
 
-    def _recover(self, queue: _Queue, now: float) -> list[Job]:
+    def _recover(self, queue: _Queue, now: float, max_lost: int | None = None) -> list[Job]:
         recovered: list[Job] = []
         for job in [j for j in queue.running.values() if (j.lease_expires_at or 0) <= now]:
             del queue.running[job.id]
@@ -86,7 +86,7 @@ class MemoryBackend:
                 attempt.number, attempt.started_at, now, "lost", attempt.worker, LEASE_EXPIRED
             )
             history = (*job.history[:-1], lost)
-            if job.attempts >= job.max_attempts:
+            if _out_of_budget(job, max_lost):
                 queue.jobs[job.id] = job.with_changes(
                     state="dead",
                     finished_at=now,
@@ -109,18 +109,20 @@ class MemoryBackend:
             recovered.append(queue.jobs[job.id])
         return recovered
 
-    def recover(self, queue: str, *, limit: int = 1000) -> list[Job]:
+    def recover(self, queue: str, *, limit: int = 1000, max_lost: int | None = None) -> list[Job]:
         """Retry or dead-letter the jobs whose lease lapsed; return them as they are now.
 
         Args:
             queue: the queue.
             limit: ignored (in process, recovering every lapsed job is cheap).
+            max_lost: dead-letter a job once it lost this many attempts (``None``: once its
+                attempts reach ``max_attempts``).
 
         Returns:
             The recovered jobs (``retrying`` or ``dead``).
         """
         with self._lock:
-            return self._recover(self._queue(queue), self.clock.time())
+            return self._recover(self._queue(queue), self.clock.time(), max_lost)
 
     def claim(self, queue: str, *, worker: str, limit: int, lease: float) -> list[Job]:
         """Recover lapsed leases, then lease up to ``limit`` ready jobs."""
@@ -330,3 +332,10 @@ class MemoryBackend:
 
     def close(self) -> None:
         """Nothing to release."""
+
+
+def _out_of_budget(job: Job, max_lost: int | None) -> bool:
+    """Whether a job whose running attempt was just lost goes to the dead letters."""
+    if max_lost is None:
+        return job.attempts >= job.max_attempts
+    return job.lost + 1 >= max_lost

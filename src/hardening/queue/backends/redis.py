@@ -290,12 +290,14 @@ class RedisBackend:
         )
         return [_job(queue, fields) for fields in reply]
 
-    def recover(self, queue: str, *, limit: int = _STEP) -> list[Job]:
+    def recover(self, queue: str, *, limit: int = _STEP, max_lost: int | None = None) -> list[Job]:
         """Retry or dead-letter up to ``limit`` (at most 500) jobs whose lease lapsed.
 
         Args:
             queue: the queue.
             limit: how many jobs at most.
+            max_lost: dead-letter a job once it lost this many attempts (``None``: once its
+                attempts reach ``max_attempts``).
 
         Returns:
             The recovered jobs as they are now (``retrying`` or ``dead``).
@@ -304,7 +306,11 @@ class RedisBackend:
             BackendUnavailable: Redis could not be reached or did not answer in time.
         """
         reply = self._run(
-            "recover", queue, str(max(0, min(limit, _STEP))), json.dumps(LEASE_EXPIRED.to_dict())
+            "recover",
+            queue,
+            str(max(0, min(limit, _STEP))),
+            json.dumps(LEASE_EXPIRED.to_dict()),
+            "" if max_lost is None else str(max_lost),
         )
         return [_job(queue, fields) for fields in reply]
 

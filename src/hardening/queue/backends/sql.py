@@ -53,6 +53,7 @@ workers died at once (the rest are recovered by the next claims)."""
 _DEDUPE_WHERE = "state = 'waiting' AND started_at IS NULL AND dedupe_key IS NOT NULL"
 _OLD_DEDUPE_INDEX = "{name}_dedupe_idx"  # held retrying jobs too: a retry could violate it
 _READY = sa.text("state IN ('waiting', 'retrying')")  # the ready index's predicate
+_LOST = '"outcome":"lost"'  # how a lost attempt reads in the stored history JSON
 _STORE_NOW = sa.text("SELECT EXTRACT(EPOCH FROM clock_timestamp())")  # PostgreSQL's own time
 
 
@@ -430,12 +431,16 @@ class SQLBackend:
         return jobs
 
     @sql_unavailable
-    def recover(self, queue: str, *, limit: int = RECOVER_BATCH) -> list[Job]:
+    def recover(
+        self, queue: str, *, limit: int = RECOVER_BATCH, max_lost: int | None = None
+    ) -> list[Job]:
         """Retry or dead-letter up to ``limit`` jobs whose lease lapsed (``claim`` does it too).
 
         Args:
             queue: the queue.
             limit: how many at most (at most :data:`RECOVER_BATCH`).
+            max_lost: dead-letter a job once it lost this many attempts (``None``: once its
+                attempts reach ``max_attempts``).
 
         Returns:
             The recovered jobs as they are now (``retrying`` or ``dead``).
@@ -443,7 +448,7 @@ class SQLBackend:
         Raises:
             BackendUnavailable: the database could not be reached or timed out.
         """
-        ids = self._recover(queue, self.clock.time(), limit)
+        ids = self._recover(queue, self.clock.time(), limit, max_lost)
         if not ids:
             return []
         t = self.table
@@ -451,7 +456,9 @@ class SQLBackend:
             rows = conn.execute(sa.select(t).where(t.c.id.in_(ids))).all()
         return [self._job(row) for row in rows]
 
-    def _recover(self, queue: str, now: float, limit: int = RECOVER_BATCH) -> list[str]:
+    def _recover(
+        self, queue: str, now: float, limit: int = RECOVER_BATCH, max_lost: int | None = None
+    ) -> list[str]:
         """Retry or dead-letter lapsed leases: at most :data:`RECOVER_BATCH` per call.
 
         One statement for the batch; should it fail for anything but an outage (a row the
@@ -474,7 +481,7 @@ class SQLBackend:
         error = json.dumps(LEASE_EXPIRED.to_dict())
         try:
             with self.engine.begin() as conn:  # the lapsed rows and their history: one transaction
-                return self._recover_in(conn, lapsed, error, now)
+                return self._recover_in(conn, lapsed, error, now, max_lost)
         except sa.exc.SQLAlchemyError as exc:
             if unavailable_from(exc) is not None:
                 raise
@@ -488,7 +495,7 @@ class SQLBackend:
             )
             try:
                 with self.engine.begin() as conn:
-                    recovered += self._recover_in(conn, one, error, now)
+                    recovered += self._recover_in(conn, one, error, now, max_lost)
             except sa.exc.SQLAlchemyError as exc:
                 if unavailable_from(exc) is not None:
                     raise
@@ -497,14 +504,24 @@ class SQLBackend:
                 )
         return recovered
 
-    def _recover_in(self, conn: sa.Connection, lapsed: Any, error: str, now: float) -> list[str]:
+    def _recover_in(
+        self, conn: sa.Connection, lapsed: Any, error: str, now: float, max_lost: int | None
+    ) -> list[str]:
         t = self.table
+        if max_lost is None:
+            spent: Any = t.c.attempts >= t.c.max_attempts
+        else:  # the attempts lost before, counted in the history text, and this one
+            lost_before = (
+                sa.func.length(t.c.history)
+                - sa.func.length(sa.func.replace(t.c.history, _LOST, ""))
+            ) / len(_LOST)
+            spent = lost_before + 1 >= max_lost
         rows = conn.execute(
             sa.update(t)
             .where(t.c.id.in_(lapsed.scalar_subquery()), t.c.state == "running")
             .values(
-                state=sa.case((t.c.attempts >= t.c.max_attempts, "dead"), else_="retrying"),
-                finished_at=sa.case((t.c.attempts >= t.c.max_attempts, now), else_=None),
+                state=sa.case((spent, "dead"), else_="retrying"),
+                finished_at=sa.case((spent, now), else_=None),
                 run_at=now,
                 last_error=error,
                 lease_token=None,

@@ -107,10 +107,20 @@ local function chosen_dead_ids()
   return ids
 end
 
+-- attempts already lost with a worker, counted in the stored history JSON
+local function lost_before(key)
+  local count = 0
+  for _ in string.gmatch(redis.call('HGET', key, 'history') or '', '"outcome":"lost"') do
+    count = count + 1
+  end
+  return count
+end
+
 -- leases that lapsed (their worker died or stalled), at most `limit` of them: the lost
--- attempt counts; each job is retried, or dead-lettered when it has no attempt left.
--- Returns the ids recovered.
-local function recover_lapsed(limit, lapsed_error)
+-- attempt counts; each job is retried, or dead-lettered when its budget is spent: with
+-- `max_lost`, once it lost that many attempts (its failures count apart); without, once its
+-- attempts reach max_attempts. Returns the ids recovered.
+local function recover_lapsed(limit, lapsed_error, max_lost)
   local ids = redis.call('ZRANGEBYSCORE', K_RUNNING, '-inf', NOW_TEXT, 'LIMIT', 0, limit)
   local recovered = {}
   for _, id in ipairs(ids) do
@@ -119,8 +129,14 @@ local function recover_lapsed(limit, lapsed_error)
     if h[3] ~= 'running' then  -- never left behind by these scripts; dropped if found
       redis.call('ZREM', K_RUNNING, id)
     else
+      local spent
+      if max_lost then
+        spent = lost_before(key) + 1 >= max_lost
+      else
+        spent = tonumber(h[1]) >= tonumber(h[2])
+      end
       finish_attempt(key, 'lost', lapsed_error)
-      if tonumber(h[1]) >= tonumber(h[2]) then
+      if spent then
         dead_letter(id, key, lapsed_error)
       else
         retry(id, key, NOW_TEXT, lapsed_error)
