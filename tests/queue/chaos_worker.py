@@ -25,8 +25,8 @@ class ChaosProcessor(QueueProcessor):
     poll_interval = 0.05
     backoff = 0.05
 
-    def __init__(self, backend: Any, log: Any) -> None:
-        super().__init__(backend)
+    def __init__(self, backend: Any, log: Any, **options: Any) -> None:
+        super().__init__(backend, **options)
         self.log = log
 
     def process(self, job: Job) -> None:
@@ -49,10 +49,42 @@ def build_backend(kind: str, url: str, namespace: str) -> Any:
     return RedisBackend(redis.Redis.from_url(url), key_prefix=namespace, owns_client=True)
 
 
+class HostileProcessor(ChaosProcessor):
+    """Some jobs are poison (raise), some kill their worker (``os._exit``); the rest are
+    normal. With ``transactional``, each job's effect is a row written through its session."""
+
+    lease = 1.0
+    heartbeat = 0.25
+    max_attempts = 4
+    max_lost = 3
+    concurrency = 4
+    backoff = 0.01
+
+    def process(self, job: Job) -> None:
+        kind = job.payload["kind"]  # type: ignore[index,call-overload]
+        if kind == "exit":
+            os._exit(3)  # the worker dies with every job it holds
+        time.sleep(0.005)
+        if kind == "poison":
+            raise ValueError("poison")
+        if self.options.transactional:
+            import sqlalchemy as sa
+
+            self.session.execute(
+                sa.text("INSERT INTO effects (job_id) VALUES (:id)"), {"id": job.id}
+            )
+        os.write(self.log, f"{job.id}\n".encode())
+
+
 def main() -> None:
     kind, url, namespace, logfile = sys.argv[1:5]
+    mode = sys.argv[5] if len(sys.argv) > 5 else "plain"
     log = os.open(logfile, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-    ChaosProcessor(build_backend(kind, url, namespace), log).run()
+    backend = build_backend(kind, url, namespace)
+    if mode == "plain":
+        ChaosProcessor(backend, log).run()
+    else:
+        HostileProcessor(backend, log, transactional=mode == "transactional").run()
 
 
 if __name__ == "__main__":

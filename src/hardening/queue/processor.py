@@ -665,11 +665,21 @@ class QueueProcessor:
                 logger.warning("job %s lost its worker; it runs again", job.id)
 
     def _claim(self, free: int, idle: Idle) -> list[Job]:
-        self._recover()
+        backend = self.backend
         try:
-            jobs = self.backend.claim(
-                self.queue_name, worker=self.worker_id, limit=free, lease=self.options.lease
-            )
+            if isinstance(backend, RecoveringBackend):  # every recovery with our lost budget
+                self._recover()
+                jobs = backend.claim(
+                    self.queue_name,
+                    worker=self.worker_id,
+                    limit=free,
+                    lease=self.options.lease,
+                    recover=False,
+                )
+            else:
+                jobs = backend.claim(
+                    self.queue_name, worker=self.worker_id, limit=free, lease=self.options.lease
+                )
         except Exception:
             logger.warning(
                 "claiming from queue %r failed; retrying", self.queue_name, exc_info=True

@@ -120,8 +120,15 @@ class RecoveringBackend(Protocol):
 
     Every backend recovers lapsed leases inside ``claim``; one that also offers ``recover``
     lets the worker that finds a crashed worker's jobs call ``on_failure`` / ``on_dead`` and
-    count them, whichever process that is. The built-in backends all do.
+    count them, whichever process that is, with its own lost budget; its ``claim`` then takes
+    ``recover=False`` so that every recovery applies that budget. The built-in backends all do.
     """
+
+    def claim(
+        self, queue: str, *, worker: str, limit: int, lease: float, recover: bool = True
+    ) -> list[Job]:
+        """``QueueBackend.claim``, recovering lapsed leases first only when ``recover``."""
+        ...
 
     def recover(self, queue: str, *, limit: int = 1000, max_lost: int | None = None) -> list[Job]:
         """Retry or dead-letter up to ``limit`` jobs whose lease lapsed.

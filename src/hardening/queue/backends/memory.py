@@ -124,12 +124,15 @@ class MemoryBackend:
         with self._lock:
             return self._recover(self._queue(queue), self.clock.time(), max_lost)
 
-    def claim(self, queue: str, *, worker: str, limit: int, lease: float) -> list[Job]:
-        """Recover lapsed leases, then lease up to ``limit`` ready jobs."""
+    def claim(
+        self, queue: str, *, worker: str, limit: int, lease: float, recover: bool = True
+    ) -> list[Job]:
+        """Recover lapsed leases (unless ``recover=False``), then lease up to ``limit`` jobs."""
         now = self.clock.time()
         with self._lock:
             q = self._queue(queue)
-            self._recover(q, now)
+            if recover:
+                self._recover(q, now)
             while q.delayed and q.delayed[0][0] <= now:
                 run_at, seq, job_id = heapq.heappop(q.delayed)
                 job = q.jobs.get(job_id)

@@ -266,7 +266,9 @@ class RedisBackend:
             return job.job()
         return _job(job.queue, reply[1])
 
-    def claim(self, queue: str, *, worker: str, limit: int, lease: float) -> list[Job]:
+    def claim(
+        self, queue: str, *, worker: str, limit: int, lease: float, recover: bool = True
+    ) -> list[Job]:
         """Recover lapsed leases, then lease up to ``limit`` ready jobs.
 
         Args:
@@ -274,6 +276,8 @@ class RedisBackend:
             worker: the claiming worker's id, recorded in the attempt.
             limit: how many jobs at most.
             lease: seconds the claim lasts unless renewed.
+            recover: recover lapsed leases first (``False`` when the caller just called
+                :meth:`recover`, with its own lost budget).
 
         Returns:
             The claimed jobs, best first, each with its ``lease_token``.
@@ -287,6 +291,7 @@ class RedisBackend:
             json.dumps(worker),
             json.dumps(LEASE_EXPIRED.to_dict()),
             uuid.uuid4().hex,
+            "1" if recover else "0",
         )
         return [_job(queue, fields) for fields in reply]
 

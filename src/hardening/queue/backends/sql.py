@@ -407,14 +407,19 @@ class SQLBackend:
     # --- claiming ----------------------------------------------------------------------
 
     @sql_unavailable
-    def claim(self, queue: str, *, worker: str, limit: int, lease: float) -> list[Job]:
+    def claim(
+        self, queue: str, *, worker: str, limit: int, lease: float, recover: bool = True
+    ) -> list[Job]:
         """Recover lapsed leases, then lease up to ``limit`` ready jobs (``SKIP LOCKED``).
+
+        With ``recover=False`` the recovery is skipped (the caller just ran :meth:`recover`).
 
         Raises:
             BackendUnavailable: the database could not be reached or timed out.
         """
         now = self.clock.time()
-        self._recover(queue, now)
+        if recover:
+            self._recover(queue, now)
         if limit <= 0:
             return []
         params = {

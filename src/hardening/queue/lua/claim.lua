@@ -1,7 +1,8 @@
 -- claim: recover lapsed leases, move due delayed jobs to ready, then lease up to `limit`
 -- ready jobs (highest priority, then oldest run_at, then enqueue order).
 -- ARGV[3] lease expiry for the new claims, ARGV[4] limit, ARGV[5] the worker as JSON text,
--- ARGV[6] the LeaseExpired error as JSON text, ARGV[7] a random token prefix (unique per call)
+-- ARGV[6] the LeaseExpired error as JSON text, ARGV[7] a random token prefix (unique per call),
+-- ARGV[8] '0' to skip step 1 (the caller just ran recover.lua with its own lost budget)
 -- Returns one HGETALL per claimed job.
 local expires, limit, worker = ARGV[3], math.min(tonumber(ARGV[4]), 500), ARGV[5]
 local lapsed_error, token_prefix = ARGV[6], ARGV[7]
@@ -11,7 +12,7 @@ local lapsed_error, token_prefix = ARGV[6], ARGV[7]
 local STEP = 500
 
 -- 1. leases that lapsed: their worker died or stalled; the lost attempt counts
-recover_lapsed(STEP, lapsed_error)
+if ARGV[8] ~= '0' then recover_lapsed(STEP, lapsed_error) end
 
 -- 2. delayed jobs now due
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', K_DELAYED, '-inf', NOW_TEXT, 'LIMIT', 0, STEP)) do
