@@ -29,7 +29,8 @@ SLACK = 0.5  # thread scheduling on a loaded machine, on top of a timeout
 UNBOUNDED_PG_REPLY = (
     "nothing bounds the wait for a reply on an established PostgreSQL connection: "
     "connect_timeout covers connecting only, TCP keepalives and tcp_user_timeout see a live "
-    "peer (the silent server's kernel still ACKs), statement_timeout runs on the server"
+    "peer (the silent server's kernel still ACKs), statement_timeout runs on the server; "
+    "the opt-in bound is statement_deadline() (tests/test_sql_deadline.py)"
 )
 
 
