@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -28,7 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import redis
-from tests.faultproxy import FaultProxy
+from tests.faultproxy import FaultProxy, blip_under_load
 
 from hardening import AsyncRateLimiter, Cache, FakeClock, RateLimiter
 from hardening.queue.backends.redis import RedisBackend
@@ -40,32 +39,12 @@ def blip_recovery(url: str, prefix: str) -> tuple[float, int, int]:
     parts = urlsplit(url)
     proxy = FaultProxy(parts.hostname or "127.0.0.1", parts.port or 6379)
     limiter = RateLimiter("1000000/minute", storage=proxy.redis_url(), key_prefix=prefix)
-    stop = threading.Event()
-    log: list[tuple[float, bool]] = []
-    lock = threading.Lock()
-
-    def caller() -> None:
-        while not stop.is_set():
-            decision = limiter.hit("busy")
-            with lock:
-                log.append((time.monotonic(), decision.error))
-            time.sleep(0.005)
-
-    threads = [threading.Thread(target=caller) for _ in range(50)]
-    for thread in threads:
-        thread.start()
-    time.sleep(0.3)
-    proxy.blip(0.2)
-    proxy.wait_blip(10)
-    restored = time.monotonic()
-    time.sleep(1.5)
-    stop.set()
-    for thread in threads:
-        thread.join()
-    limiter.close()
-    proxy.close()
-    late = [at for at, error in log if error and at > restored]
-    return (max(late) - restored if late else 0.0), sum(e for _, e in log), len(log)
+    try:
+        report = blip_under_load(proxy, lambda: limiter.hit("busy").error)
+    finally:
+        limiter.close()
+        proxy.close()
+    return report.recovered_after, report.failed, report.calls
 
 
 async def crowd(url: str, prefix: str) -> tuple[int, int]:

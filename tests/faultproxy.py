@@ -47,6 +47,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
@@ -664,3 +665,69 @@ class FaultProxy:
             if conn.blackholed:
                 conn.abort()
         await self._listen()
+
+
+@dataclass(frozen=True)
+class BlipReport:
+    """What callers saw around a blip: see :func:`blip_under_load`."""
+
+    recovered_after: float  # seconds from the restore to the last failed call (0: none after)
+    failed: int  # calls that failed (or were answered without the store)
+    calls: int  # calls made in all
+    last_failed: bool  # whether the very last call failed
+
+
+def blip_under_load(
+    proxy: FaultProxy,
+    call: Callable[[], bool],
+    *,
+    callers: int = 50,
+    cut: float = 0.2,
+    before: float = 0.3,
+    after: float = 1.5,
+) -> BlipReport:
+    """Cut the proxy for ``cut`` seconds while ``callers`` threads run ``call`` in a loop.
+
+    Args:
+        proxy: the proxy in front of the store.
+        call: one call; returns whether it failed (an error decision, a miss...).
+        callers: how many threads call at once.
+        cut: how long the blip lasts.
+        before: seconds of normal load before the blip.
+        after: seconds of load after the restore.
+
+    Returns:
+        When failures stopped after the restore, and the counts.
+    """
+    stop = threading.Event()
+    log: list[tuple[float, bool]] = []
+    lock = threading.Lock()
+
+    def caller() -> None:
+        while not stop.is_set():
+            failed = call()
+            with lock:
+                log.append((time.monotonic(), failed))
+            time.sleep(0.005)
+
+    threads = [threading.Thread(target=caller) for _ in range(callers)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(before)
+        proxy.blip(cut)
+        if not proxy.wait_blip(timeout=10):
+            raise RuntimeError("the blip never ended")
+        restored = time.monotonic()
+        time.sleep(after)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    late = [at for at, failed in log if failed and at > restored]
+    return BlipReport(
+        recovered_after=max(late) - restored if late else 0.0,
+        failed=sum(failed for _, failed in log),
+        calls=len(log),
+        last_failed=log[-1][1] if log else False,
+    )
