@@ -19,7 +19,9 @@ from hardening.blocks.history import HistoryBase
 from hardening.queue.backends.sql import SQLBackend
 from tests.faultproxy import FaultProxy
 
-pytestmark = pytest.mark.postgres
+# Backend behaviour under faults and load, not interpreter compatibility: run once, on 3.11
+# (tox.ini), like the chaos tests, which keeps the whole tox run well under 15 minutes.
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 DEADLINE = 1.0
 GRACE = 10.0  # the join bound: a call still waiting then has no deadline at all

@@ -21,6 +21,10 @@ from hardening.ratelimit import AsyncRateLimiter, RateLimiter
 from tests.adapters.test_uvicorn import UvicornServer
 from tests.conftest import free_port
 
+# Backend behaviour under faults and load, not interpreter compatibility: run once, on 3.11
+# (tox.ini), like the chaos tests, which keeps the whole tox run well under 15 minutes.
+pytestmark = pytest.mark.slow
+
 PROBLEM_JSON = "application/problem+json"
 
 

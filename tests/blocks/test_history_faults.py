@@ -22,7 +22,9 @@ from hardening import BackendUnavailable, ConflictError, DocumentHistory
 from hardening.blocks.history import HistoryBase
 from tests.faultproxy import FaultProxy, wait_until
 
-pytestmark = pytest.mark.postgres
+# Backend behaviour under faults and load, not interpreter compatibility: run once, on 3.11
+# (tox.ini), like the chaos tests, which keeps the whole tox run well under 15 minutes.
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 CONNECT_TIMEOUT = 2  # how long connecting may take (libpq's minimum)
 SLACK = 0.5  # thread scheduling on a loaded machine, on top of a timeout

@@ -17,6 +17,10 @@ from hardening.cache.redis import STEP_UNITS
 from tests.concurrency import in_threads
 from tests.faultproxy import FaultProxy
 
+# Backend behaviour under faults and load, not interpreter compatibility: run once, on 3.11
+# (tox.ini), like the chaos tests, which keeps the whole tox run well under 15 minutes.
+pytestmark = pytest.mark.slow
+
 
 def _prefix(redis_prefix: str) -> str:
     return redis_prefix.rstrip(":")

@@ -22,7 +22,9 @@ from hardening import BackendUnavailable, FakeClock, ReplicaRouter, insert_batch
 from hardening.data.routing import async_routed_sessionmaker, routed_sessionmaker
 from tests.faultproxy import FaultProxy
 
-pytestmark = pytest.mark.postgres
+# Backend behaviour under faults and load, not interpreter compatibility: run once, on 3.11
+# (tox.ini), like the chaos tests, which keeps the whole tox run well under 15 minutes.
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 CONNECT_TIMEOUT = 2  # how long connecting may take (libpq's minimum)
 SLACK = 0.5  # thread scheduling on a loaded machine, on top of a timeout

@@ -31,6 +31,10 @@ from tests.concurrency import in_threads
 from tests.faultproxy import FaultProxy, wait_until
 from tests.queue.conftest import new_job
 
+# Backend behaviour under faults and load, not interpreter compatibility: run once, on 3.11
+# (tox.ini), like the chaos tests, which keeps the whole tox run well under 15 minutes.
+pytestmark = pytest.mark.slow
+
 QUEUE = "faults"
 NOW = 1_700_000_000.0
 SOCKET_TIMEOUT = 0.5  # Redis: how long one reply may take

@@ -20,6 +20,10 @@ from tests.concurrency import in_threads
 from tests.conftest import free_port
 from tests.faultproxy import FaultProxy, blip_under_load
 
+# Backend behaviour under faults and load, not interpreter compatibility: run once, on 3.11
+# (tox.ini), like the chaos tests, which keeps the whole tox run well under 15 minutes.
+pytestmark = pytest.mark.slow
+
 
 def _prefix(redis_prefix: str) -> str:
     return redis_prefix.rstrip(":")
