@@ -49,3 +49,41 @@ def in_threads(count: int, work: Callable[[], T], *, timeout: float = 120.0) -> 
     if errors:
         raise errors[0]
     return results
+
+
+def outcome_within(
+    call: Callable[[], T], seconds: float, *, release: Callable[[], object] | None = None
+) -> T | BaseException:
+    """Run ``call`` in a thread that must end within ``seconds``; return what it returned or
+    the exception it raised.
+
+    Args:
+        call: what to run (e.g. a call to a store that went silent).
+        seconds: how long it may take.
+        release: called once the wait is over, whatever happened (e.g. restore the proxy,
+            which frees a call still waiting, so the thread always ends).
+
+    Returns:
+        The call's result, or the exception it raised (not re-raised).
+
+    Raises:
+        AssertionError: the call was still running after ``seconds``.
+    """
+    outcome: list[T | BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(seconds)
+    overran = thread.is_alive()
+    if release is not None:
+        release()
+    if overran:
+        thread.join(10)
+    assert not overran, f"still running after {seconds:g} s"
+    return outcome[0]

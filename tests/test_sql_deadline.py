@@ -7,9 +7,7 @@ BackendUnavailable once the deadline passes, and the engine recovers when the se
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
@@ -17,6 +15,7 @@ import sqlalchemy as sa
 from hardening import BackendUnavailable, ConfigurationError, DocumentHistory, statement_deadline
 from hardening.blocks.history import HistoryBase
 from hardening.queue.backends.sql import SQLBackend
+from tests.concurrency import outcome_within
 from tests.faultproxy import FaultProxy
 
 # Backend behaviour under faults and load, not interpreter compatibility: run once, on 3.11
@@ -42,25 +41,6 @@ def engine(pg_schema: str, postgres_url: str, postgres_proxy: FaultProxy) -> Ite
         made.dispose()
 
 
-def _ends(call: Callable[[], Any]) -> list[BaseException | None]:
-    """Run ``call`` in a thread; its outcome (the exception, or ``None``) once it ends."""
-    outcome: list[BaseException | None] = []
-
-    def run() -> None:
-        try:
-            call()
-        except BaseException as exc:
-            outcome.append(exc)
-        else:
-            outcome.append(None)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join(GRACE)
-    assert not thread.is_alive(), "the call outlived its deadline"
-    return outcome
-
-
 def test_a_history_save_on_a_silent_pooled_connection_fails_in_time(
     engine: sa.Engine, postgres_proxy: FaultProxy
 ) -> None:
@@ -71,7 +51,7 @@ def test_a_history_save_on_a_silent_pooled_connection_fails_in_time(
     history.create("doc", [{"id": "a", "type": "p", "content": "x"}])
     postgres_proxy.blackhole()
     patch = [{"op": "add", "path": "/-", "value": {"id": "b", "type": "p", "content": "y"}}]
-    (outcome,) = _ends(lambda: history.save("doc", patch, base_version=1))
+    outcome = outcome_within(lambda: history.save("doc", patch, base_version=1), GRACE)
     assert isinstance(outcome, BackendUnavailable)
     postgres_proxy.restore()
     assert history.save("doc", patch, base_version=1) == 2
@@ -85,7 +65,7 @@ def test_a_queue_call_on_a_silent_pooled_connection_fails_in_time(
     backend.create_schema()
     backend.stats("q")
     postgres_proxy.blackhole()
-    (outcome,) = _ends(lambda: backend.stats("q"))
+    outcome = outcome_within(lambda: backend.stats("q"), GRACE)
     assert isinstance(outcome, BackendUnavailable)
     postgres_proxy.restore()
     assert backend.stats("q").waiting == 0

@@ -20,6 +20,7 @@ import sqlalchemy as sa
 
 from hardening import BackendUnavailable, ConflictError, DocumentHistory
 from hardening.blocks.history import HistoryBase
+from tests.concurrency import outcome_within
 from tests.faultproxy import FaultProxy, wait_until
 
 # Backend behaviour under faults and load, not interpreter compatibility: run once, on 3.11
@@ -180,26 +181,12 @@ def test_a_save_on_a_pooled_connection_to_a_silent_server_gives_up_in_time(
     history = DocumentHistory(engine)
     _two_versions(history)  # leaves an established connection in the pool
     postgres_proxy.blackhole()
-    outcome: list[BaseException | None] = []
-
-    def save() -> None:
-        try:
-            history.save("doc", _append("b"), base_version=2)
-        except BaseException as exc:
-            outcome.append(exc)
-        else:
-            outcome.append(None)
-
-    saver = threading.Thread(target=save)
-    saver.start()
-    saver.join(CONNECT_TIMEOUT + SLACK)
-    try:
-        assert not saver.is_alive(), "save() is still waiting for the silent server"
-    finally:
-        postgres_proxy.restore()  # resets the blackholed connection: the saver is released
-        saver.join(10)
-    assert len(outcome) == 1
-    assert isinstance(outcome[0], BackendUnavailable)
+    outcome = outcome_within(
+        lambda: history.save("doc", _append("b"), base_version=2),
+        CONNECT_TIMEOUT + SLACK,
+        release=postgres_proxy.restore,  # resets the blackholed connection: frees the saver
+    )
+    assert isinstance(outcome, BackendUnavailable)
 
 
 # --- many saves ---------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from hardening import BackendUnavailable, FakeClock, ReplicaRouter, insert_batches
 from hardening.data.routing import async_routed_sessionmaker, routed_sessionmaker
+from tests.concurrency import outcome_within
 from tests.faultproxy import FaultProxy
 
 # Backend behaviour under faults and load, not interpreter compatibility: run once, on 3.11
@@ -182,23 +183,12 @@ def test_a_read_on_a_pooled_connection_to_a_silent_replica_is_answered_in_time(
     factory = routed_sessionmaker(primary, [replica], clock=FakeClock())
     assert _read(factory) == "replica"  # leaves an established connection in the pool
     postgres_proxy.blackhole()
-    bodies: list[object] = []
-
-    def read() -> None:
-        try:
-            bodies.append(_read(factory))
-        except BaseException as exc:
-            bodies.append(exc)
-
-    reader = threading.Thread(target=read)
-    reader.start()
-    reader.join(CONNECT_TIMEOUT + SLACK)
-    try:
-        assert not reader.is_alive(), "the read is still waiting for the silent replica"
-    finally:
-        postgres_proxy.restore()  # resets the blackholed connection: the reader is released
-        reader.join(10)
-    assert bodies == ["primary"]
+    body = outcome_within(
+        lambda: _read(factory),
+        CONNECT_TIMEOUT + SLACK,
+        release=postgres_proxy.restore,  # resets the blackholed connection: frees the reader
+    )
+    assert body == "primary"
 
 
 @pytest.mark.anyio

@@ -27,7 +27,7 @@ from hardening._redis import client_from_url
 from hardening.queue import Job, JobError, QueueProcessor
 from hardening.queue.backends.redis import RedisBackend
 from hardening.queue.backends.sql import SQLBackend
-from tests.concurrency import in_threads
+from tests.concurrency import in_threads, outcome_within
 from tests.faultproxy import FaultProxy, wait_until
 from tests.queue.conftest import new_job
 
@@ -224,26 +224,12 @@ def test_a_silent_server_on_a_pooled_connection_costs_at_most_the_timeouts(
     store = open_store(clock=FakeClock(NOW))
     store.backend.enqueue(new_job(QUEUE))  # leaves an established connection in the pool
     store.proxy.blackhole()
-    outcome: list[BaseException | None] = []
-
-    def stats() -> None:
-        try:
-            store.backend.stats(QUEUE)
-        except BaseException as exc:
-            outcome.append(exc)
-        else:
-            outcome.append(None)
-
-    caller = threading.Thread(target=stats)
-    caller.start()
-    caller.join(store.silent_bound + SLACK)
-    try:
-        assert not caller.is_alive(), "stats() is still waiting for the silent server"
-    finally:
-        store.proxy.restore()  # resets the blackholed connection: the caller is released
-        caller.join(10)
-    assert len(outcome) == 1
-    assert isinstance(outcome[0], BackendUnavailable)
+    outcome = outcome_within(
+        lambda: store.backend.stats(QUEUE),
+        store.silent_bound + SLACK,
+        release=store.proxy.restore,  # resets the blackholed connection: frees the caller
+    )
+    assert isinstance(outcome, BackendUnavailable)
 
 
 def test_300_concurrent_enqueues_wait_for_a_small_pool(open_store: Callable[..., Store]) -> None:
