@@ -667,6 +667,19 @@ class FaultProxy:
         await self._listen()
 
 
+CONNECT_TIMEOUT = 2
+"""Seconds a PostgreSQL connect may take in the fault tests (libpq's minimum)."""
+SLACK = 0.5
+"""Thread scheduling on a loaded machine, on top of a timeout."""
+UNBOUNDED_PG_REPLY = (
+    "nothing bounds the wait for a reply on an established PostgreSQL connection: "
+    "connect_timeout covers connecting only, TCP keepalives and tcp_user_timeout see a live "
+    "peer (the silent server's kernel still ACKs), statement_timeout runs on the server; "
+    "the opt-in bound is statement_deadline() (tests/test_sql_deadline.py)"
+)
+"""Why the driver-default silent-server tests are strict expected failures."""
+
+
 @dataclass(frozen=True)
 class BlipReport:
     """What callers saw around a blip: see :func:`blip_under_load`."""

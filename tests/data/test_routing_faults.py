@@ -21,20 +21,11 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from hardening import BackendUnavailable, FakeClock, ReplicaRouter, insert_batches
 from hardening.data.routing import async_routed_sessionmaker, routed_sessionmaker
 from tests.concurrency import outcome_within
-from tests.faultproxy import FaultProxy
+from tests.faultproxy import CONNECT_TIMEOUT, SLACK, UNBOUNDED_PG_REPLY, FaultProxy
 
 # Backend behaviour under faults and load, not interpreter compatibility: run once, on 3.11
 # (tox.ini), like the chaos tests, which keeps the whole tox run well under 15 minutes.
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
-
-CONNECT_TIMEOUT = 2  # how long connecting may take (libpq's minimum)
-SLACK = 0.5  # thread scheduling on a loaded machine, on top of a timeout
-UNBOUNDED_PG_REPLY = (
-    "nothing bounds the wait for a reply on an established PostgreSQL connection: "
-    "connect_timeout covers connecting only, TCP keepalives and tcp_user_timeout see a live "
-    "peer (the silent server's kernel still ACKs), statement_timeout runs on the server; "
-    "the opt-in bound is statement_deadline() (tests/test_sql_deadline.py)"
-)
 
 
 class Base(DeclarativeBase):

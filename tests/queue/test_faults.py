@@ -28,7 +28,13 @@ from hardening.queue import Job, JobError, QueueProcessor
 from hardening.queue.backends.redis import RedisBackend
 from hardening.queue.backends.sql import SQLBackend
 from tests.concurrency import in_threads, outcome_within
-from tests.faultproxy import FaultProxy, wait_until
+from tests.faultproxy import (
+    CONNECT_TIMEOUT,
+    SLACK,
+    UNBOUNDED_PG_REPLY,
+    FaultProxy,
+    wait_until,
+)
 from tests.queue.conftest import new_job
 
 # Backend behaviour under faults and load, not interpreter compatibility: run once, on 3.11
@@ -38,8 +44,6 @@ pytestmark = pytest.mark.slow
 QUEUE = "faults"
 NOW = 1_700_000_000.0
 SOCKET_TIMEOUT = 0.5  # Redis: how long one reply may take
-CONNECT_TIMEOUT = 2  # PostgreSQL: how long connecting may take (libpq's minimum)
-SLACK = 0.5  # thread scheduling on a loaded machine, on top of a timeout
 SMALL_POOL = {"redis": 5, "postgres": 2}
 POLL = 0.02  # the workers' idle wait while the store answers
 
@@ -47,12 +51,6 @@ STORES = [
     pytest.param("redis", marks=pytest.mark.redis),
     pytest.param("postgres", marks=pytest.mark.postgres),
 ]
-UNBOUNDED_PG_REPLY = (
-    "nothing bounds the wait for a reply on an established PostgreSQL connection: "
-    "connect_timeout covers connecting only, TCP keepalives and tcp_user_timeout see a live "
-    "peer (the silent server's kernel still ACKs), statement_timeout runs on the server; "
-    "the opt-in bound is statement_deadline() (tests/test_sql_deadline.py)"
-)
 
 
 @dataclass
