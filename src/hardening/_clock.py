@@ -11,7 +11,7 @@ from typing import Protocol, runtime_checkable
 
 from hardening.errors import ConfigurationError
 
-__all__ = ["Clock", "FakeClock", "StoreClock", "SystemClock", "to_seconds"]
+__all__ = ["Clock", "FakeClock", "StoreClock", "SystemClock", "backend_clock", "to_seconds"]
 
 
 @runtime_checkable
@@ -161,6 +161,24 @@ class StoreClock:
 
     def __repr__(self) -> str:
         return f"StoreClock(offset={self._offset:+.3f}s)"
+
+
+def backend_clock(
+    clock: Clock | None, store_clock: bool | None, read_store: Callable[[], float]
+) -> Clock:
+    """The clock a backend decides shared time by: the store's, or the one given.
+
+    Args:
+        clock: the clock the user gave, if any (a ``FakeClock`` in tests).
+        store_clock: read the store's time through it; ``None``: only when no clock is given.
+        read_store: returns the store's time (does I/O).
+
+    Returns:
+        A :class:`StoreClock` over the host clock, or the host clock itself.
+    """
+    host = clock or SystemClock()
+    use_store = clock is None if store_clock is None else store_clock
+    return StoreClock(host, read_store) if use_store else host
 
 
 def to_seconds(value: float | timedelta, *, name: str, allow_zero: bool = True) -> float:

@@ -32,7 +32,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, get_args
 
-from hardening._clock import Clock, StoreClock, SystemClock
+from hardening._clock import Clock, backend_clock
 from hardening._imports import require
 from hardening._redis import check_key_prefix, is_async_client, read_lua, redis_key
 from hardening._storage import warn_about_pool
@@ -178,9 +178,7 @@ class RedisBackend:
         if not owns_client:
             warn_about_pool(client, "RedisBackend")
         self.client = client
-        host = clock or SystemClock()
-        use_store = clock is None if store_clock is None else store_clock
-        self.clock: Clock = StoreClock(host, self._store_time) if use_store else host
+        self.clock: Clock = backend_clock(clock, store_clock, self._store_time)
         self.key_prefix = check_key_prefix(key_prefix)
         self.owns_client = owns_client
         common = read_lua("hardening.queue", "common.lua")

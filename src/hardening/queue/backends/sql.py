@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from hardening._clock import Clock, StoreClock, SystemClock
+from hardening._clock import Clock, backend_clock
 from hardening._imports import require
 from hardening._sql import sql_unavailable, unavailable_from
 from hardening.errors import ConfigurationError, LeaseLost
@@ -172,9 +172,9 @@ class SQLBackend:
         # Every step below is one atomic statement: run it in autocommit, one round trip,
         # rather than BEGIN + statement + COMMIT (same pool, same connections).
         self._single: sa.Engine = self.engine.execution_options(isolation_level="AUTOCOMMIT")
-        host = clock or SystemClock()
-        use_store = (clock is None if store_clock is None else store_clock) and self._postgres
-        self.clock: Clock = StoreClock(host, self._store_time) if use_store else host
+        # SQLite lives on this host: its clock is the host's
+        store = store_clock if self._postgres else False
+        self.clock: Clock = backend_clock(clock, store, self._store_time)
         self.metadata = sa.MetaData()
         self.table = jobs_table(self.metadata, table, schema=schema)
         self._prepare()
