@@ -1,259 +1,280 @@
-"""Queue throughput: enqueue + process N no-op jobs, ours vs arq, rq, procrastinate and saq.
+"""Queue throughput: N no-op jobs through ours and through arq, rq, saq, dramatiq, celery and
+procrastinate, on the same Redis and PostgreSQL, in one run.
 
-One run, same machine, same Redis and PostgreSQL, one producer+worker process per system, each
-system in its own isolated namespace (Redis key prefix / database schema) cleaned up after.
-Each figure is N / (time to enqueue N jobs + time until the last one is processed).
+Each system runs in a process of its own: ours with this interpreter, each peer in its own venv
+(``benchmarks/envs.py``) so that none changes the project's redis-py. Each one enqueues N jobs one
+call at a time, as its users' code does, then starts one worker process (16 concurrent jobs, a
+10 ms poll where the system has such knobs) and is timed until the N-th job has run. A figure
+counts only when it is verified: the handler ran N times and the system's own record agrees
+(ours: ``stats().completed == N``; the peers': ``benchmarks/queue_peers.py``).
 
-Usage: python benchmarks/jobqueue.py [--n 20000] [--only ours,arq,...]
-Peers: pip install 'hardening[bench]' (arq, rq, procrastinate, saq).
+Systems are interleaved over ``--runs`` rounds; the table shows each one's median. Ours also
+drains backlogs of other sizes (``--backlogs``) to show the rate does not fall as the queue grows.
+
+Usage::
+
+    python -m benchmarks.jobqueue [--n 20000] [--runs 3] [--only ours,arq,...]
+        [--backlogs 5000,100000] [--redis-url URL] [--postgres-url URL]
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# Run as a script, this file's folder comes first on sys.path: put the repository root there
-# instead, so `benchmarks.queue_noop` (which rq imports by name) resolves.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
-
 import argparse
-import asyncio
-import contextlib
+import json
+import statistics
+import sys
 import time
 import uuid
-from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-import redis
-import sqlalchemy as sa
+if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hardening import Job, MemoryBackend, QueueProcessor
-from hardening.queue.backends.sql import SQLBackend
+from benchmarks.envs import peer_python, run_json
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
-PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
+CONCURRENCY = 16
+POLL = 0.01
+
+# Targets from issue #16: ours on Redis >= 3,000 jobs/s and >= 1.5x the fastest Redis peer;
+# ours on PostgreSQL >= 1,500 jobs/s and >= 5x procrastinate; flat from 5k to 100k backlog.
+REDIS_TARGET = (3_000, 1.5)
+POSTGRES_TARGET = (1_500, 5.0)
 
 
-class Noop(QueueProcessor):
-    queue = "bench"
-    poll_interval = 0.01
+@dataclass(frozen=True)
+class System:
+    """One contender: ours on a backend, or a peer with the requirements of its venv."""
 
-    def process(self, job: Job) -> None:
-        pass
+    name: str
+    backend: str
+    requirements: tuple[str, ...] = ()
 
+    @property
+    def ours(self) -> bool:
+        return self.name == "ours"
 
-def ours(backend: Any, n: int, concurrency: int) -> float:
-    proc = Noop(backend, concurrency=concurrency)
-    start = time.perf_counter()
-    for i in range(n):
-        proc.enqueue({"i": i})
-    proc.run_until_empty()
-    elapsed = time.perf_counter() - start
-    done = proc.stats().completed
-    if done != n:
-        raise RuntimeError(f"only {done} of {n} jobs completed")
-    return elapsed
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.backend})"
 
 
-def ours_memory(n: int) -> float:
-    return ours(MemoryBackend(), n, concurrency=8)
+SYSTEMS = (
+    System("ours", "redis"),
+    System("ours", "postgres"),
+    System("arq", "redis", ("arq", "hiredis")),
+    System("rq", "redis", ("rq", "hiredis")),
+    System("saq", "redis", ("saq[redis]", "hiredis", "typing-extensions")),  # 0.26 forgets it
+    System("dramatiq", "redis", ("dramatiq[redis]", "hiredis")),
+    System("celery", "redis", ("celery[redis]", "hiredis")),
+    System("procrastinate", "postgres", ("procrastinate", "psycopg[binary]")),
+)
 
 
-def ours_redis(n: int) -> float:
-    from hardening.queue.backends.redis import RedisBackend
-
-    client = redis.Redis.from_url(REDIS_URL)
-    prefix = f"bench-ours-{uuid.uuid4().hex[:6]}"
-    try:
-        return ours(RedisBackend(client, key_prefix=prefix), n, concurrency=16)
-    finally:
-        keys = list(client.scan_iter(match=f"*{prefix}*", count=5000))
-        for i in range(0, len(keys), 5000):
-            client.delete(*keys[i : i + 5000])
-        client.close()
+# --- ours, run in a child process (--run) ----------------------------------------------------
 
 
-@contextlib.contextmanager
-def pg_schema() -> Any:
-    schema = f"bench_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
-    try:
-        yield schema
-    finally:
+def run_ours(backend_name: str, n: int, redis_url: str, postgres_url: str) -> dict[str, Any]:
+    """Enqueue and drain ``n`` no-op jobs through a ``QueueProcessor``; the JSON result."""
+    import sqlalchemy as sa
+
+    from benchmarks.queue_noop import handled, noop
+    from hardening import Job, QueueProcessor
+    from hardening.queue.options import backend_from_url
+
+    name = f"bench-ours-{uuid.uuid4().hex[:8]}"
+
+    class Noop(QueueProcessor):
+        queue = name
+        poll_interval = POLL
+
+        def process(self, job: Job) -> None:
+            noop(job.payload)
+
+    admin = None
+    if backend_name == "postgres":
+        schema = name.replace("-", "_")
+        admin = sa.create_engine(_sqlalchemy_url(postgres_url), isolation_level="AUTOCOMMIT")
         with admin.connect() as conn:
-            conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
-
-
-def ours_postgres(n: int) -> float:
-    with pg_schema() as schema:
-        engine = sa.create_engine(
-            PG_URL, connect_args={"options": f"-csearch_path={schema}"}, pool_size=20
-        )
-        backend = SQLBackend(engine)
-        backend.create_schema()
-        try:
-            return ours(backend, n, concurrency=16)
-        finally:
-            engine.dispose()
-
-
-def arq_bench(n: int) -> float:
-    from arq import create_pool
-    from arq.connections import RedisSettings
-    from arq.worker import Worker, func
-
-    async def noop(ctx: dict[str, Any], i: int) -> None:
-        return None
-
-    async def main() -> float:
-        name = f"bench-arq-{uuid.uuid4().hex[:6]}"
-        pool = await create_pool(RedisSettings())
+            conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
+        url = f"{_sqlalchemy_url(postgres_url)}?options=-csearch_path%3D{schema}"
+    else:
+        url = redis_url
+    backend = backend_from_url(url)
+    try:
+        if backend_name == "postgres":
+            backend.create_schema()  # type: ignore[attr-defined]
+        proc = Noop(backend, concurrency=CONCURRENCY)
         start = time.perf_counter()
         for i in range(n):
-            await pool.enqueue_job("noop", i, _queue_name=name)
-        worker = Worker(
-            functions=[func(noop, name="noop")],
-            redis_pool=pool,
-            burst=True,
-            queue_name=name,
-            max_jobs=16,
-            keep_result=0,
-            poll_delay=0.01,
-            handle_signals=False,
+            proc.enqueue({"i": i})
+        enqueued = time.perf_counter() - start
+        start = time.perf_counter()
+        proc.run_until_empty()
+        processed = time.perf_counter() - start
+        stats = proc.stats()
+        record = {
+            "completed": stats.completed,
+            "left": stats.waiting + stats.running + stats.retrying + stats.delayed,
+            "dead": stats.dead,
+        }
+        verified = handled() == n and record == {"completed": n, "left": 0, "dead": 0}
+        from importlib.metadata import version
+
+        return {
+            "system": "ours",
+            "version": version("hardening"),
+            "n": n,
+            "enqueue_s": enqueued,
+            "process_s": processed,
+            "handled": handled(),
+            "record": record,
+            "verified": verified,
+        }
+    finally:
+        if backend_name == "redis":
+            client = backend.client  # type: ignore[attr-defined]
+            keys = list(client.scan_iter(match=f"*{name}*", count=5000))
+            for at in range(0, len(keys), 5000):
+                client.delete(*keys[at : at + 5000])
+        backend.close()
+        if admin is not None:
+            with admin.connect() as conn:
+                conn.execute(sa.text(f"DROP SCHEMA {name.replace('-', '_')} CASCADE"))
+            admin.dispose()
+
+
+def _sqlalchemy_url(dsn: str) -> str:
+    """``postgresql://…`` as SQLAlchemy's psycopg 3 URL."""
+    scheme, rest = dsn.split("://", 1)
+    return f"postgresql+psycopg://{rest}" if scheme in ("postgresql", "postgres") else dsn
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Results:
+    """Every verified figure of a run, by system and backlog."""
+
+    rates: dict[tuple[str, int], list[float]] = field(default_factory=dict)
+    enqueue: dict[tuple[str, int], list[float]] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def median(self, label: str, n: int) -> float | None:
+        rates = self.rates.get((label, n))
+        return statistics.median(rates) if rates else None
+
+
+def measure(system: System, n: int, args: argparse.Namespace, results: Results) -> None:
+    """One run of ``system`` at backlog ``n``; record it if verified, else say why not."""
+    urls = ["--redis-url", args.redis_url, "--postgres-url", args.postgres_url]
+    if system.ours:
+        python: Path | str = sys.executable
+        argv = ["-m", "benchmarks.jobqueue", "--run", system.backend, "--n", str(n), *urls]
+    else:
+        python = peer_python(system.name, list(system.requirements))
+        argv = ["benchmarks/queue_peers.py", system.name, "--n", str(n), *urls]
+    try:
+        result = run_json(python, argv)
+    except Exception as exc:  # a peer that fails is reported, not fatal
+        print(f"  {system.label:<24} n={n:<7} failed: {exc}", flush=True)
+        return
+    rate = n / result["process_s"]
+    status = "ok" if result["verified"] else f"NOT VERIFIED {result['record']}"
+    print(
+        f"  {system.label:<24} n={n:<7} enqueue {n / result['enqueue_s']:8,.0f}/s"
+        f"  process {rate:8,.0f}/s  handled {result['handled']}  {status}",
+        flush=True,
+    )
+    if result["verified"]:
+        results.rates.setdefault((system.label, n), []).append(rate)
+        results.enqueue.setdefault((system.label, n), []).append(n / result["enqueue_s"])
+        results.versions[system.label] = result["version"]
+
+
+def report(results: Results, systems: list[System], args: argparse.Namespace) -> None:
+    """The Markdown tables: all systems at ``--n``, ours across backlogs, the targets."""
+    n = args.n
+    print(
+        "\n| system | version | backend | enqueue jobs/s "
+        f"| process jobs/s (median of {args.runs}) |"
+    )
+    print("| --- | --- | --- | ---: | ---: |")
+    for system in systems:
+        rate = results.median(system.label, n)
+        if rate is None:
+            print(f"| {system.name} | | {system.backend} | | failed or not verified |")
+            continue
+        enqueue = statistics.median(results.enqueue[(system.label, n)])
+        version = results.versions[system.label]
+        print(f"| {system.name} | {version} | {system.backend} | {enqueue:,.0f} | {rate:,.0f} |")
+    backlogs = sorted({n, *args.backlogs})
+    ours = [s for s in systems if s.ours]
+    if ours and len(backlogs) > 1:
+        print("\n| ours, process jobs/s | " + " | ".join(f"{b:,} backlog" for b in backlogs) + " |")
+        print("| --- |" + " ---: |" * len(backlogs))
+        for system in ours:
+            cells = [results.median(system.label, b) for b in backlogs]
+            row = " | ".join("—" if c is None else f"{c:,.0f}" for c in cells)
+            print(f"| {system.backend} | {row} |")
+    print()
+    for backend, (floor, ratio), peers in (
+        ("redis", REDIS_TARGET, [s for s in systems if not s.ours and s.backend == "redis"]),
+        ("postgres", POSTGRES_TARGET, [s for s in systems if s.name == "procrastinate"]),
+    ):
+        mine = results.median(f"ours ({backend})", n)
+        rated = [(results.median(p.label, n), p.label) for p in peers]
+        best = max(((r, label) for r, label in rated if r is not None), default=None)
+        if mine is None or best is None:
+            continue
+        print(
+            f"ours ({backend}) {mine:,.0f} jobs/s (target >= {floor:,}); "
+            f"{mine / best[0]:.2f}x the fastest peer, {best[1]} (target >= {ratio}x)"
         )
-        await worker.async_run()
-        elapsed = time.perf_counter() - start
-        if worker.jobs_complete != n:
-            raise RuntimeError(f"arq completed {worker.jobs_complete} of {n}")
-        await worker.close()
-        return elapsed
-
-    return asyncio.run(main())
-
-
-def rq_bench(n: int) -> float:
-    import rq
-
-    client = redis.Redis.from_url(REDIS_URL)
-    queue = rq.Queue(f"bench-rq-{uuid.uuid4().hex[:6]}", connection=client)
-    start = time.perf_counter()
-    for i in range(n):
-        queue.enqueue("benchmarks.queue_noop.noop", i, result_ttl=0)
-    worker = rq.SimpleWorker([queue], connection=client)  # no fork per job: rq at its fastest
-    worker.work(burst=True, logging_level="ERROR")
-    elapsed = time.perf_counter() - start
-    if queue.count != 0:
-        raise RuntimeError(f"rq left {queue.count} jobs")
-    queue.delete(delete_jobs=True)
-    return elapsed
-
-
-def procrastinate_bench(n: int) -> float:
-    import procrastinate
-
-    with pg_schema() as schema:
-
-        async def main() -> float:
-            connector = procrastinate.PsycopgConnector(
-                conninfo=PG_DSN, kwargs={"options": f"-csearch_path={schema}"}
+        low, high = results.median(f"ours ({backend})", backlogs[0]), None
+        high = results.median(f"ours ({backend})", backlogs[-1])
+        if low and high and backlogs[0] != backlogs[-1]:
+            print(
+                f"ours ({backend}) at {backlogs[-1]:,} backlog / at {backlogs[0]:,}: "
+                f"{high / low:.2f}"
             )
-            app = procrastinate.App(connector=connector)
-
-            @app.task(name="noop")
-            async def noop(i: int) -> None:
-                return None
-
-            async with app.open_async():
-                await app.schema_manager.apply_schema_async()
-                start = time.perf_counter()
-                for i in range(n):
-                    await noop.defer_async(i=i)
-                await app.run_worker_async(
-                    wait=False, concurrency=16, install_signal_handlers=False
-                )
-                return time.perf_counter() - start
-
-        return asyncio.run(main())
-
-
-def saq_bench(n: int) -> float:
-    from saq import Queue, Worker
-
-    async def noop(ctx: dict[str, Any], **kwargs: Any) -> None:
-        return None
-
-    async def main() -> float:
-        queue = Queue.from_url(REDIS_URL, name=f"bench-saq-{uuid.uuid4().hex[:6]}")
-        await queue.connect()
-        done = asyncio.Event()
-        count = [0]
-
-        async def after(ctx: dict[str, Any]) -> None:
-            count[0] += 1
-            if count[0] >= n:
-                done.set()
-
-        worker = Worker(queue, functions=[("noop", noop)], concurrency=16, after_process=after)
-        start = time.perf_counter()
-        for i in range(n):
-            await queue.enqueue("noop", i=i, ttl=0)
-        task = asyncio.create_task(worker.start())
-        await asyncio.wait_for(done.wait(), timeout=600)
-        elapsed = time.perf_counter() - start
-        await worker.stop()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
-        await queue.disconnect()
-        return elapsed
-
-    return asyncio.run(main())
-
-
-SYSTEMS: dict[str, Callable[[int], float]] = {
-    "ours-memory": ours_memory,
-    "ours-redis": ours_redis,
-    "ours-postgres": ours_postgres,
-    "arq (redis)": arq_bench,
-    "rq (redis, SimpleWorker)": rq_bench,
-    "saq (redis)": saq_bench,
-    "procrastinate (postgres)": procrastinate_bench,
-}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--n", type=int, default=20_000)
-    parser.add_argument("--only", default="", help="comma-separated names")
+    """Run the comparison, or (``--run``) one of ours in this process."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=20_000, help="jobs per run (all systems)")
+    parser.add_argument("--runs", type=int, default=3, help="interleaved rounds")
+    parser.add_argument(
+        "--backlogs",
+        default="5000,100000",
+        type=lambda text: [int(part) for part in text.split(",") if part],
+        help="other backlog sizes ours drains (comma-separated; '' for none)",
+    )
+    parser.add_argument("--only", default="", help="comma-separated system names")
+    parser.add_argument("--redis-url", default=REDIS_URL)
+    parser.add_argument("--postgres-url", default=POSTGRES_URL, help="a libpq URL")
+    parser.add_argument("--run", choices=("redis", "postgres"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    rates: dict[str, float] = {}
-    for name, bench in SYSTEMS.items():
-        if args.only and not any(part in name for part in args.only.split(",")):
-            continue
-        try:
-            elapsed = bench(args.n)
-        except Exception as exc:  # a peer that fails to run is reported, not fatal
-            print(f"{name:<28} failed: {type(exc).__name__}: {exc}")
-            continue
-        rates[name] = args.n / elapsed
-        print(f"{name:<28} {elapsed:8.2f} s  {rates[name]:10,.0f} jobs/s", flush=True)
-    print()
-    for mine, peer, target in (
-        ("ours-redis", "arq (redis)", 2.0),
-        ("ours-redis", "rq (redis, SimpleWorker)", None),
-        ("ours-redis", "saq (redis)", None),
-        ("ours-postgres", "procrastinate (postgres)", 3.0),
-    ):
-        if mine in rates and peer in rates:
-            goal = f"   (target >= {target}x)" if target else ""
-            print(f"{mine} / {peer}: {rates[mine] / rates[peer]:.2f}x{goal}")
+    if args.run:
+        print(json.dumps(run_ours(args.run, args.n, args.redis_url, args.postgres_url)))
+        return
+    wanted = {part.strip() for part in args.only.split(",") if part.strip()}
+    systems = [s for s in SYSTEMS if not wanted or s.name in wanted or s.label in wanted]
+    results = Results()
+    for round_ in range(args.runs):
+        print(f"round {round_ + 1} of {args.runs}", flush=True)
+        for system in systems:
+            measure(system, args.n, args, results)
+        for backlog in args.backlogs:
+            if backlog != args.n:
+                for system in (s for s in systems if s.ours):
+                    measure(system, backlog, args, results)
+    report(results, systems, args)
 
 
 if __name__ == "__main__":

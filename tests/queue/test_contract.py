@@ -419,11 +419,28 @@ def test_ack_many_acks_held_jobs_and_reports_lost_ones(
     for job in done:
         assert job is not None
         stored = backend.get("contract", job.id)
-        assert stored is not None
-        assert stored.state == "completed"
+        assert stored == job  # what a batch ack returns is exactly what it stored
         assert stored.history[-1].outcome == "completed"
     assert backend.ack_many(rest) == [None] * 4  # once only
     assert backend.ack_many([]) == []
+
+
+def test_ack_many_takes_any_batch_size(backend: QueueBackend, clock: FakeClock) -> None:
+    """A batch larger than one script or statement step is acked whole, in order."""
+    for _ in range(1200):
+        backend.enqueue(_new(now=clock.time()))
+    claimed: list[Job] = []
+    while len(claimed) < 1200:
+        batch = backend.claim("contract", worker="w", limit=500, lease=30)
+        assert batch
+        claimed += batch
+    stale = claimed[700].with_changes(lease_token="stale")
+    batch = [*claimed[:700], stale, *claimed[701:]]
+    results = backend.ack_many(batch)
+    assert [r is None for r in results] == [job is stale for job in batch]
+    assert [r.id for r in results if r is not None] == [j.id for j in batch if j is not stale]
+    stats = backend.stats("contract")
+    assert (stats.completed, stats.running) == (1199, 1)
 
 
 def test_crash_deaths_call_the_hooks_and_count(

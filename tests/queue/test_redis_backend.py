@@ -309,8 +309,11 @@ def test_cluster_runs_queues_on_several_nodes(cluster_client: Any, clock: FakeCl
             backend.enqueue(_new(queue, now=clock.time(), priority=5))
             jobs = backend.claim(queue, worker="w", limit=5, lease=30)
             assert [j.priority for j in jobs] == [5, 0]
-            for job in jobs:
-                backend.ack(job)
+            if int(queue.rsplit("-", 1)[1]) % 2:  # one script in the queue's slot, or one per job
+                assert [j.state for j in backend.ack_many(jobs) if j] == ["completed"] * 2
+            else:
+                for job in jobs:
+                    backend.ack(job)
             stats = backend.stats(queue)
             assert (stats.waiting, stats.running, stats.completed) == (0, 0, 2)
         nodes = {cluster_client.get_node_from_key(backend.queue_keys(q)[0]).port for q in queues}

@@ -157,6 +157,28 @@ class Job:
         """A copy with some fields changed."""
         return replace(self, **changes)  # type: ignore[arg-type]
 
+    def closed_history(
+        self, now: float, outcome: str, error: JobError | None = None
+    ) -> tuple[Attempt, ...]:
+        """The history with the running attempt (the last) closed at ``now`` as ``outcome``.
+
+        A job with no history yet gets its attempt ``attempts`` opened and closed at ``now``.
+        """
+        last = self.history[-1] if self.history else Attempt(self.attempts, now)
+        done = Attempt(last.number, last.started_at, now, outcome, last.worker, error)
+        return (*self.history[:-1], done)
+
+    def completed(self, now: float) -> Job:
+        """This claimed job as its ack leaves it: completed at ``now``, attempt closed, no lease."""
+        return replace(
+            self,
+            state="completed",
+            finished_at=now,
+            lease_token=None,
+            lease_expires_at=None,
+            history=self.closed_history(now, "completed"),
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class NewJob:

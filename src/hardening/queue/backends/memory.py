@@ -188,13 +188,6 @@ class MemoryBackend:
                     held.add(job.id)
         return held
 
-    def _finish_attempt(
-        self, job: Job, now: float, outcome: str, error: JobError | None
-    ) -> tuple[Attempt, ...]:
-        last = job.history[-1]
-        done = Attempt(last.number, last.started_at, now, outcome, last.worker, error)
-        return (*job.history[:-1], done)
-
     def ack(self, job: Job) -> Job:
         """Mark a claimed job completed (``LeaseLost`` if the lease is gone)."""
         now = self.clock.time()
@@ -202,13 +195,7 @@ class MemoryBackend:
             q = self._queue(job.queue)
             current = self._held(q, job, now)
             del q.running[job.id]
-            done = current.with_changes(
-                state="completed",
-                finished_at=now,
-                lease_token=None,
-                lease_expires_at=None,
-                history=self._finish_attempt(current, now, "completed", None),
-            )
+            done = current.completed(now)
             q.jobs[job.id] = done
             return done
 
@@ -223,7 +210,7 @@ class MemoryBackend:
             q = self._queue(job.queue)
             current = self._held(q, job, now)
             del q.running[job.id]
-            history = self._finish_attempt(current, now, "failed", error)
+            history = current.closed_history(now, "failed", error)
             common = {
                 "last_error": error,
                 "history": history,
@@ -253,7 +240,7 @@ class MemoryBackend:
                 run_at=now,
                 lease_token=None,
                 lease_expires_at=None,
-                history=self._finish_attempt(current, now, "released", None),
+                history=current.closed_history(now, "released", None),
             )
             q.jobs[job.id] = back
             self._schedule(q, back, now)

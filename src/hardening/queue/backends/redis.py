@@ -62,6 +62,7 @@ _SCRIPTS = (
     "recover",
     "heartbeat",
     "ack",
+    "ack_many",
     "fail",
     "release",
     "requeue_dead",
@@ -96,7 +97,9 @@ def _fields(reply: object) -> dict[str, str]:
     """A job hash from ``HGETALL``: a dict from redis-py, a flat list from a script."""
     if isinstance(reply, Mapping):
         return {_text(k): _text(v) for k, v in reply.items()}
-    items = [_text(item) for item in reply] if isinstance(reply, (list, tuple)) else []
+    if not isinstance(reply, (list, tuple)):
+        return {}
+    items = [item.decode() if type(item) is bytes else str(item) for item in reply]
     return dict(zip(items[::2], items[1::2], strict=True))
 
 
@@ -104,7 +107,8 @@ def _job(queue: str, reply: object) -> Job:
     """Rebuild a :class:`Job` from its hash."""
     f = _fields(reply)
     attempts = int(f["attempts"])
-    history = tuple(Attempt.from_dict(entry) for entry in json.loads(f.get("history", "[]")))
+    stored = f.get("history", "[]")
+    history = () if stored == "[]" else tuple(Attempt.from_dict(e) for e in json.loads(stored))
     if "attempt_started_at" in f:  # the running attempt, closed by the script that ends it
         running = Attempt(
             attempts, float(f["attempt_started_at"]), worker=json.loads(f["attempt_worker"])
@@ -181,6 +185,7 @@ class RedisBackend:
         self.clock: Clock = backend_clock(clock, store_clock, self._store_time)
         self.key_prefix = check_key_prefix(key_prefix)
         self.owns_client = owns_client
+        self._key_cache: dict[str, tuple[tuple[str, ...], str]] = {}
         common = read_lua("hardening.queue", "common.lua")
         self._scripts = {
             name: client.register_script(common + read_lua("hardening.queue", f"{name}.lua"))
@@ -199,7 +204,19 @@ class RedisBackend:
             ``ready``, ``delayed``, ``running``, ``waiting``, ``retrying``, ``completed``,
             ``dead``, ``dedupe`` and ``seq``, in that order (the order the scripts take them).
         """
-        return tuple(redis_key(self.key_prefix, queue, name) for name in _KEY_NAMES)
+        return self._keys(queue)[0]
+
+    def _keys(self, queue: str) -> tuple[tuple[str, ...], str]:
+        """A queue's fixed keys and its job key prefix, built once per queue."""
+        keys = self._key_cache.get(queue)
+        if keys is None:
+            keys = (
+                tuple(redis_key(self.key_prefix, queue, name) for name in _KEY_NAMES),
+                redis_key(self.key_prefix, queue, "job:"),
+            )
+            if len(self._key_cache) < 1024:  # a worker has a few queues: never a growing cache
+                self._key_cache[queue] = keys
+        return keys
 
     def job_key(self, queue: str, job_id: str) -> str:
         """The key of one job's hash.
@@ -214,7 +231,7 @@ class RedisBackend:
         return self._job_prefix(queue) + job_id
 
     def _job_prefix(self, queue: str) -> str:
-        return redis_key(self.key_prefix, queue, "job:")
+        return self._keys(queue)[1]
 
     def _store_time(self) -> float:
         with _unavailable():
@@ -224,10 +241,9 @@ class RedisBackend:
     def _run(self, name: str, queue: str, *args: str) -> Any:
         """Run one script on ``queue``'s keys, with the job key prefix and now first."""
         now = _number(self.clock.time())
+        keys, prefix = self._keys(queue)
         with _unavailable():
-            return self._scripts[name](
-                keys=self.queue_keys(queue), args=[self._job_prefix(queue), now, *args]
-            )
+            return self._scripts[name](keys=keys, args=[prefix, now, *args])
 
     # --- the protocol --------------------------------------------------------------------
 
@@ -352,7 +368,10 @@ class RedisBackend:
         return _job(job.queue, reply[1])
 
     def ack_many(self, jobs: Sequence[Job]) -> list[Job | None]:
-        """Ack several jobs in one pipelined round trip (one script call each).
+        """Ack several jobs of one queue in one script call per 500 (``ack`` each otherwise).
+
+        Each job still needs its own live lease. The script answers only acked or not: the
+        completed job is the claimed one with its attempt closed, exactly what is stored.
 
         Args:
             jobs: the jobs as claimed.
@@ -360,23 +379,22 @@ class RedisBackend:
         Returns:
             Per job: the completed job, or ``None`` where the lease was lost.
         """
-        if len(jobs) < 2 or hasattr(self.client, "get_node_from_key"):  # cluster: one by one
+        if len(jobs) < 2 or len({job.queue for job in jobs}) > 1:
             return ack_each(self.ack, jobs)
-        now = _number(self.clock.time())
-        script = self._scripts["ack"]
-        with _unavailable():
-            pipe = self.client.pipeline(transaction=False)
-            for job in jobs:
-                script(
-                    keys=self.queue_keys(job.queue),
-                    args=[self._job_prefix(job.queue), now, job.id, job.lease_token or ""],
-                    client=pipe,
-                )
-            replies = pipe.execute()
-        return [
-            _job(job.queue, reply[1]) if int(reply[0]) == 1 else None
-            for job, reply in zip(jobs, replies, strict=True)
-        ]
+        queue = jobs[0].queue
+        results: list[Job | None] = []
+        for at in range(0, len(jobs), _STEP):
+            batch = jobs[at : at + _STEP]
+            now = self.clock.time()
+            pairs = [value for job in batch for value in (job.id, job.lease_token or "")]
+            keys, prefix = self._keys(queue)
+            with _unavailable():
+                replies = self._scripts["ack_many"](keys=keys, args=[prefix, _number(now), *pairs])
+            results.extend(
+                job.completed(now) if int(reply) == 1 else None
+                for job, reply in zip(batch, replies, strict=True)
+            )
+        return results
 
     def fail(self, job: Job, error: JobError, *, retry_at: float | None) -> Job:
         """Record a failed attempt: retry at ``retry_at``, or dead-letter when ``None``.

@@ -297,6 +297,51 @@ class SQLBackend:
         )
         self._claims: dict[int, Any] = {}
         self._insert = sa.insert(t)  # values are bound per call
+        if self._postgres:
+            self._ack_many_stmt = self._batch_ack()
+
+    def _batch_ack(self) -> Any:
+        """PostgreSQL: ack a batch in one ``UPDATE … FROM unnest(ids, tokens, attempts)``.
+
+        Three array parameters, so one statement (compiled once, planned once) serves every
+        batch size. Each row still needs its own live lease (token and expiry).
+        """
+        from sqlalchemy.dialects.postgresql import ARRAY
+
+        t = self.table
+        acks = (
+            sa.func.unnest(
+                sa.bindparam("p_ids", type_=ARRAY(sa.String)),
+                sa.bindparam("p_tokens", type_=ARRAY(sa.String)),
+                sa.bindparam("p_attempts", type_=ARRAY(sa.Text)),
+            )
+            .table_valued("v_id", "v_token", "v_attempt")
+            .render_derived(name="acks")
+        )
+        history, attempt = t.c.history, sa.cast(acks.c.v_attempt, sa.Text)
+        return (
+            sa.update(t)
+            .where(
+                t.c.id == acks.c.v_id,
+                t.c.lease_token == acks.c.v_token,
+                t.c.state == "running",
+                t.c.lease_expires_at > sa.bindparam("p_now"),
+            )
+            .values(
+                state="completed",
+                finished_at=sa.bindparam("p_now"),
+                lease_token=None,
+                lease_expires_at=None,
+                history=sa.case(
+                    (history == "[]", "[" + attempt + "]"),
+                    else_=sa.func.substr(history, 1, sa.func.length(history) - 1)
+                    + ","
+                    + attempt
+                    + "]",
+                ),
+            )
+            .returning(t.c.id, acks.c.v_token)
+        )
 
     def _claim_statement(self, limit: int) -> Any:
         statement = self._claims.get(limit)
@@ -617,7 +662,7 @@ class SQLBackend:
 
     @sql_unavailable
     def ack_many(self, jobs: Sequence[Job]) -> list[Job | None]:
-        """Ack several jobs with one ``UPDATE … FROM (VALUES …)`` on PostgreSQL.
+        """Ack several jobs with one prebuilt ``UPDATE … FROM unnest(…)`` on PostgreSQL.
 
         Each row still needs its own live lease (token and expiry) to be completed.
 
@@ -633,59 +678,20 @@ class SQLBackend:
         if len(jobs) < 2 or not self._postgres:
             return ack_each(self.ack, jobs)
         now = self.clock.time()
-        t = self.table
-        entries = {}
-        rows = []
-        for job in jobs:
-            last = job.history[-1] if job.history else Attempt(job.attempts, now)
-            entries[job.id] = Attempt(
-                last.number, last.started_at, now, "completed", last.worker, None
-            )
-            text = json.dumps(entries[job.id].to_dict(), separators=(",", ":"))
-            rows.append((job.id, job.lease_token or "", text))
-        v = sa.values(
-            sa.column("v_id", sa.String),
-            sa.column("v_token", sa.String),
-            sa.column("v_attempt", sa.Text),
-            name="acks",
-        ).data(rows)
-        history = t.c.history
-        statement = (
-            sa.update(t)
-            .where(
-                t.c.id == v.c.v_id,
-                t.c.lease_token == v.c.v_token,
-                t.c.state == "running",
-                t.c.lease_expires_at > now,
-            )
-            .values(
-                state="completed",
-                finished_at=now,
-                lease_token=None,
-                lease_expires_at=None,
-                history=sa.case(
-                    (history == "[]", "[" + v.c.v_attempt + "]"),
-                    else_=sa.func.substr(history, 1, sa.func.length(history) - 1)
-                    + ","
-                    + v.c.v_attempt
-                    + "]",
-                ),
-            )
-            .returning(t.c.id, v.c.v_token)
-        )
+        done = [job.completed(now) for job in jobs]
+        params = {
+            "p_now": now,
+            "p_ids": [job.id for job in jobs],
+            "p_tokens": [job.lease_token or "" for job in jobs],
+            "p_attempts": [
+                json.dumps(job.history[-1].to_dict(), separators=(",", ":")) for job in done
+            ],
+        }
         with self._single.connect() as conn:  # (id, token): a stale twin of a job stays lost
-            acked = {(row.id, row.v_token) for row in conn.execute(statement)}
+            acked = {(row.id, row.v_token) for row in conn.execute(self._ack_many_stmt, params)}
         return [
-            job.with_changes(
-                state="completed",
-                finished_at=now,
-                history=(*job.history[:-1], entries[job.id]),
-                lease_token=None,
-                lease_expires_at=None,
-            )
-            if (job.id, job.lease_token or "") in acked
-            else None
-            for job in jobs
+            finished if (job.id, job.lease_token or "") in acked else None
+            for job, finished in zip(jobs, done, strict=True)
         ]
 
     @sql_unavailable
