@@ -78,7 +78,7 @@ def make_processor(backend: QueueBackend, clock: FakeClock) -> Callable[..., Any
 
 def new_job(queue: str, now: float = 1_700_000_000.0, **fields: Any) -> NewJob:
     """A validated job as ``enqueue`` would hand it to a backend (for backend-level tests)."""
-    return NewJob(
+    job = NewJob(
         id=new_job_id(),
         queue=queue,
         payload_json=fields.pop("payload", "{}"),
@@ -87,4 +87,7 @@ def new_job(queue: str, now: float = 1_700_000_000.0, **fields: Any) -> NewJob:
         created_at=now,
         max_attempts=fields.pop("max_attempts", 3),
         dedupe_key=fields.pop("dedupe_key", None),
+        timeout=fields.pop("timeout", None),
     )
+    assert not fields, f"unknown job fields {sorted(fields)}"
+    return job

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -509,3 +510,64 @@ def test_a_suspect_job_runs_alone(
     assert all(job is not None and job.state == "waiting" for job in waiting)
     assert all(job is not None and job.attempts == 0 for job in waiting)  # handed back free
     assert proc._should_claim(4, 0)  # idle again: claims resume
+
+
+class HangsUnlessQuick(QueueProcessor):
+    """Hangs on ``"hang"`` payloads until released; any other payload returns at once."""
+
+    queue = "contract"
+    max_attempts = 1
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.release = threading.Event()
+        self.done: list[Any] = []
+
+    def process(self, job: Job) -> None:
+        if job.payload == "hang":
+            self.release.wait(10)
+        self.done.append(job.payload)
+
+
+def test_a_job_carries_its_own_timeout(backend: QueueBackend, clock: FakeClock) -> None:
+    """``enqueue(timeout=…)`` is stored with the job and comes back with every read."""
+    backend.enqueue(_new(now=clock.time(), timeout=2.5))
+    backend.enqueue(_new(now=clock.time()))
+    claimed = backend.claim("contract", worker="w", limit=2, lease=30)
+    assert sorted(str(job.timeout) for job in claimed) == ["2.5", "None"]
+    for job in claimed:
+        assert backend.get("contract", job.id) == job.with_changes(lease_token=job.lease_token)
+        assert backend.ack(job).timeout == job.timeout
+
+
+def test_a_per_job_timeout_fails_only_that_job(make_processor: Make) -> None:
+    """A processor without a timeout still fails a job enqueued with one once it overruns;
+    its other jobs run to the end."""
+    proc = make_processor(HangsUnlessQuick)
+    hung = proc.enqueue("hang", timeout=0.2)
+    quick = proc.enqueue("quick", timeout=5)
+    plain = proc.enqueue("plain")
+    worker = threading.Thread(target=proc.run_until_empty)
+    worker.start()
+    deadline = time.monotonic() + 10
+    while (job := proc.backend.get("contract", hung.id)).state != "dead":
+        assert time.monotonic() < deadline, "the overrunning attempt never failed"
+        time.sleep(0.01)
+    proc.release.set()
+    worker.join(10)
+    assert not worker.is_alive()
+    assert job.last_error is not None
+    assert job.last_error.type == "JobTimedOut"
+    assert sorted(proc.done) == ["hang", "plain", "quick"]  # the late return is discarded...
+    assert proc.backend.get("contract", hung.id).state == "dead"  # ...and changes nothing
+    for other in (quick, plain):
+        assert proc.backend.get("contract", other.id).state == "completed"
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("inf"), float("nan"), "soon", True])
+def test_bad_per_job_timeouts_are_rejected(make_processor: Make, timeout: object) -> None:
+    """A job's timeout must be positive, finite seconds."""
+    proc = make_processor(Recorder)
+    with pytest.raises(JobRejected):
+        proc.enqueue("x", timeout=timeout)
+    assert proc.stats().waiting == 0

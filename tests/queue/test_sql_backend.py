@@ -149,8 +149,9 @@ def test_url_builds_an_owned_engine(tmp_path: object) -> None:
     backend.close()
 
 
-def test_create_schema_replaces_the_old_dedupe_index(sql_engine: sa.Engine) -> None:
-    """A table made by an earlier version loses the index a retry could violate."""
+def test_create_schema_replaces_the_old_indexes(sql_engine: sa.Engine) -> None:
+    """A table made by an earlier version loses the index a retry could violate, and its
+    finished index gains the state."""
     from hardening.queue.job import JobError
     from tests.queue.conftest import new_job
 
@@ -164,14 +165,48 @@ def test_create_schema_replaces_the_old_dedupe_index(sql_engine: sa.Engine) -> N
                 "dedupe_key) WHERE state IN ('waiting', 'retrying') AND dedupe_key IS NOT NULL"
             )
         )
+        conn.execute(sa.text("DROP INDEX hardening_jobs_finished_state_idx"))
+        conn.execute(
+            sa.text(
+                "CREATE INDEX hardening_jobs_finished_idx ON hardening_jobs (queue, "
+                "finished_at) WHERE state IN ('completed', 'dead')"
+            )
+        )
     backend.create_schema()
     names = {index["name"] for index in sa.inspect(sql_engine).get_indexes("hardening_jobs")}
     assert "hardening_jobs_dedupe_idx" not in names
+    assert "hardening_jobs_finished_idx" not in names
+    assert "hardening_jobs_finished_state_idx" in names
     assert "hardening_jobs_dedupe_waiting_idx" in names
     backend.enqueue(new_job("q", now=clock.time(), dedupe_key="k"))
     (running,) = backend.claim("q", worker="w", limit=1, lease=30)
     backend.enqueue(new_job("q", now=clock.time(), dedupe_key="k"))
     assert backend.fail(running, JobError("E", "x"), retry_at=clock.time()).state == "retrying"
+
+
+def test_create_schema_adds_the_columns_added_since(sql_engine: sa.Engine) -> None:
+    """A jobs table from before per-job timeouts gets the column, and its jobs still run."""
+    from tests.queue.conftest import new_job
+
+    clock = FakeClock()
+    SQLBackend(sql_engine, clock=clock).create_schema()
+    with sql_engine.begin() as conn:  # the table as the earlier version made it, with a job
+        conn.execute(sa.text("ALTER TABLE hardening_jobs DROP COLUMN timeout"))
+        conn.execute(
+            sa.text(
+                "INSERT INTO hardening_jobs (id, queue, payload, state, max_attempts, "
+                "created_at, run_at) VALUES (:id, 'q', '1', 'waiting', 3, :now, :now)"
+            ),
+            {"id": "a" * 32, "now": clock.time()},
+        )
+    backend = SQLBackend(sql_engine, clock=clock)
+    backend.create_schema()
+    backend.create_schema()  # twice: nothing left to add
+    columns = {c["name"] for c in sa.inspect(sql_engine).get_columns("hardening_jobs")}
+    assert "timeout" in columns
+    backend.enqueue(new_job("q", now=clock.time(), timeout=1.5))
+    claimed = backend.claim("q", worker="w", limit=2, lease=30)
+    assert sorted(str(job.timeout) for job in claimed) == ["1.5", "None"]
 
 
 def test_claims_use_the_ready_index_under_a_generic_plan(pg_engine: sa.Engine) -> None:
@@ -205,3 +240,38 @@ def test_a_rate_limit_without_a_shared_store_is_refused(sql_backend: SQLBackend)
         Limited(sql_backend)
     per_process = Limited(sql_backend, rate_limit_storage="memory://")  # said out loud: fine
     assert per_process.options.rate_limit == "5/second"
+
+
+def test_stats_cost_ignores_history(sql_engine: sa.Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finished jobs are counted exactly up to the limit; past it PostgreSQL estimates
+    (flagged) while live counts stay exact, and SQLite still counts them all."""
+    from hardening.queue.backends import sql as sql_module
+    from tests.queue.conftest import new_job
+
+    monkeypatch.setattr(sql_module, "FINISHED_COUNT_LIMIT", 50)
+    clock = FakeClock()
+    backend = SQLBackend(sql_engine, clock=clock)
+    backend.create_schema()
+    for _ in range(80):
+        backend.enqueue(new_job("q", now=clock.time()))
+    done = backend.claim("q", worker="w", limit=70, lease=30)
+    backend.ack_many(done[:50])
+    exact = backend.stats("q")
+    assert (exact.completed, exact.running, exact.waiting, exact.finished_exact) == (
+        50,
+        20,
+        10,
+        True,
+    )
+    backend.ack_many(done[50:])  # 70 completed: past the limit
+    backend.enqueue(new_job("q", now=clock.time(), run_at=clock.time() + 60))
+    if sql_engine.dialect.name == "postgresql":
+        with sql_engine.begin() as conn:
+            conn.execute(sa.text("ANALYZE hardening_jobs"))
+    stats = backend.stats("q")
+    assert (stats.running, stats.waiting, stats.delayed, stats.dead) == (0, 10, 1, 0)
+    if sql_engine.dialect.name == "postgresql":
+        assert stats.finished_exact is False
+        assert stats.completed > 50  # the planner's estimate, at least what was counted
+    else:
+        assert (stats.completed, stats.finished_exact) == (70, True)

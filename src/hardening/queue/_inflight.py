@@ -15,6 +15,7 @@ from hardening.queue.job import Job
 __all__ = ["CANCEL_GRACE", "Held", "Idle", "Outcome"]
 
 CANCEL_GRACE = 1.0  # seconds a cancelled handler gets to unwind before its job is judged
+RECOVER_EVERY = 1.0  # seconds between a worker's recoveries of lapsed leases
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,29 +75,36 @@ class Held:
                 return
             self._outcomes.append(outcome)
 
-    def overdue(self, timeout: float, queue: str) -> tuple[list[Job], float | None]:
-        """Fail the attempts running longer than ``timeout``: ``(them, seconds to the next)``.
+    def overdue(
+        self, default: float | None, queue: str
+    ) -> tuple[list[tuple[Job, float]], float | None]:
+        """Fail the attempts running longer than their timeout: ``(them, seconds to the next)``.
 
-        Each overdue attempt gets a :class:`~hardening.JobTimedOut` outcome now (recorded by
-        the loop like any failure); whatever its handler returns later is discarded.
+        A job's own ``timeout`` (set at enqueue) comes first, then ``default``; an attempt
+        with neither runs for ever. Each overdue attempt gets a :class:`~hardening.JobTimedOut`
+        outcome now (recorded by the loop like any failure); whatever its handler returns
+        later is discarded. Returns each failed job with its timeout.
         """
         now = time.monotonic()
         nearest: float | None = None
-        expired: list[Job] = []
+        expired: list[tuple[Job, float]] = []
         with self._lock:
             for job_id, started in list(self._started.items()):
+                job = self._jobs.get(job_id)
+                timeout = default if job is None or job.timeout is None else job.timeout
+                if timeout is None:
+                    continue
                 left = started + timeout - now
                 if left > 0:
                     nearest = left if nearest is None else min(nearest, left)
                     continue
-                job = self._jobs.get(job_id)
                 del self._started[job_id]
                 if job is None:
                     continue
                 self._timed_out.add(job_id)
                 error = JobTimedOut(job_id, timeout, queue=queue)
                 self._outcomes.append(Outcome(job, now - started, error))
-                expired.append(job)
+                expired.append((job, timeout))
         return expired, nearest
 
     def take_outcomes(self) -> list[Outcome]:

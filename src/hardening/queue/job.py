@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import traceback as tb
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal, TypeAlias
 
@@ -125,6 +126,8 @@ class Job:
         history: every attempt so far.
         lease_token: set on a claimed job: the proof a worker must show to finish it.
         lease_expires_at: when the claim lapses unless renewed by a heartbeat.
+        timeout: seconds one attempt may run, set at enqueue (``None``: the processor's
+            ``timeout``).
     """
 
     id: str
@@ -142,6 +145,7 @@ class Job:
     history: tuple[Attempt, ...] = field(default=(), repr=False)
     lease_token: str | None = field(default=None, repr=False)
     lease_expires_at: float | None = None
+    timeout: float | None = None
 
     @property
     def lost(self) -> int:
@@ -193,6 +197,7 @@ class NewJob:
         created_at: now.
         max_attempts: attempts allowed.
         dedupe_key: optional deduplication key.
+        timeout: seconds one attempt may run (``None``: the processor's ``timeout``).
     """
 
     id: str
@@ -203,6 +208,7 @@ class NewJob:
     created_at: float
     max_attempts: int
     dedupe_key: str | None = None
+    timeout: float | None = None
 
     def job(self) -> Job:
         """The waiting job this describes."""
@@ -215,6 +221,7 @@ class NewJob:
             created_at=self.created_at,
             run_at=self.run_at,
             dedupe_key=self.dedupe_key,
+            timeout=self.timeout,
         )
 
 
@@ -230,6 +237,9 @@ class QueueStats:
         dead: dead-lettered.
         completed: done and kept until cleanup.
         oldest_waiting_age: seconds the oldest ready job has been ready (0 if none).
+        finished_exact: whether ``completed`` and ``dead`` are exact counts. ``SQLBackend``
+            on PostgreSQL gives its planner's estimate past 10,000 finished jobs of a state,
+            so that ``stats()`` costs the same however much history a queue keeps.
     """
 
     waiting: int = 0
@@ -239,6 +249,23 @@ class QueueStats:
     dead: int = 0
     completed: int = 0
     oldest_waiting_age: float = 0.0
+    finished_exact: bool = True
+
+    @classmethod
+    def from_counts(
+        cls, counts: Mapping[str, int], oldest_waiting_age: float, *, finished_exact: bool = True
+    ) -> QueueStats:
+        """Stats from counts by state name (a missing state counts 0)."""
+        return cls(
+            waiting=counts.get("waiting", 0),
+            delayed=counts.get("delayed", 0),
+            running=counts.get("running", 0),
+            retrying=counts.get("retrying", 0),
+            dead=counts.get("dead", 0),
+            completed=counts.get("completed", 0),
+            oldest_waiting_age=oldest_waiting_age,
+            finished_exact=finished_exact,
+        )
 
 
 def new_job_id() -> str:

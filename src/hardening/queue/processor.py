@@ -34,7 +34,7 @@ from hardening.errors import (
     JobTimedOut,
     LeaseLost,
 )
-from hardening.queue._inflight import CANCEL_GRACE, Held, Idle, Outcome
+from hardening.queue._inflight import CANCEL_GRACE, RECOVER_EVERY, Held, Idle, Outcome
 from hardening.queue.backends.base import RecoveringBackend
 from hardening.queue.job import Job, JobError, NewJob, QueueStats, encode_payload, new_job_id
 from hardening.queue.options import QueueOptions, backend_from_url, next_run_at
@@ -139,6 +139,8 @@ class QueueProcessor:
         self._async = inspect.iscoroutinefunction(self.process)
         self._last_report = -math.inf
         self._last_claim = -math.inf
+        self._last_recover = -math.inf
+        self._recover_skipped = False  # the last claim left lapsed leases for later
         self._isolating = False  # a suspect job runs alone: no claims until this worker idles
 
     def _check_transactional(self) -> None:
@@ -214,6 +216,7 @@ class QueueProcessor:
         priority: int = 0,
         delay: float | timedelta = 0,
         dedupe_key: str | None = None,
+        timeout: float | timedelta | None = None,
         session: object | None = None,
     ) -> Job:
         """Add a job to this processor's queue.
@@ -224,6 +227,9 @@ class QueueProcessor:
             delay: seconds (or a timedelta) before it may run.
             dedupe_key: while a job with this key is waiting, return it instead of adding one
                 (e.g. ``f"reindex:page:{page_id}"``).
+            timeout: seconds (or a timedelta) each attempt of this job may run, instead of
+                the processor's ``timeout``: an overrunning attempt fails (and is retried by
+                the backoff policy) and whatever its handler returns later is discarded.
             session: with ``SQLBackend``, a SQLAlchemy session whose transaction the insert
                 joins: the job is committed with the caller's change, or not at all.
 
@@ -240,8 +246,14 @@ class QueueProcessor:
             )
         try:
             wait = to_seconds(delay, name="delay")
+            limit = None if timeout is None else to_seconds(timeout, name="timeout")
         except ConfigurationError as exc:
             raise JobRejected(str(exc), queue=self.queue_name) from exc
+        if limit is not None and not 0 < limit < float("inf"):
+            raise JobRejected(
+                f"timeout must be a positive number of seconds, not {timeout!r}",
+                queue=self.queue_name,
+            )
         if dedupe_key is not None and (not isinstance(dedupe_key, str) or len(dedupe_key) > 200):
             raise JobRejected(
                 "dedupe_key must be a string of at most 200 characters", queue=self.queue_name
@@ -259,6 +271,7 @@ class QueueProcessor:
             created_at=now,
             max_attempts=self.options.max_attempts,
             dedupe_key=dedupe_key,
+            timeout=limit,
         )
         return self.backend.enqueue(new, session=session)
 
@@ -544,6 +557,7 @@ class QueueProcessor:
         # ``_stop`` is cleared when a run ends, not when it starts: a stop() that comes
         # before the worker thread gets here must not be lost
         held = Held()
+        self._last_recover = -math.inf  # a run's first claim recovers
         beat_stop = threading.Event()
         beat = threading.Thread(
             target=self._heartbeats,
@@ -574,7 +588,7 @@ class QueueProcessor:
                 attempts += len(jobs)
                 if jobs:
                     continue
-                if until_empty and not futures:
+                if until_empty and not futures and self._drained():
                     break
                 if futures:
                     pause = idle.next() if deadline is None else min(idle.next(), deadline)
@@ -603,13 +617,11 @@ class QueueProcessor:
     def _expire(self, held: Held) -> float | None:
         """Fail overdue attempts (``timeout``); seconds to the next deadline, 0.0 if any failed.
 
-        ``None`` when no timeout is set or nothing is running.
+        Each job's own timeout (set at enqueue) comes first, then the processor's. ``None``
+        when no running attempt has a deadline.
         """
-        timeout = self.options.timeout
-        if timeout is None:
-            return None
-        expired, nearest = held.overdue(timeout, self.queue_name)
-        for job in expired:
+        expired, nearest = held.overdue(self.options.timeout, self.queue_name)
+        for job, timeout in expired:
             logger.warning(
                 "job %s ran longer than its %g s timeout: failed (retried by the backoff "
                 "policy); whatever its handler returns later is discarded",
@@ -637,6 +649,9 @@ class QueueProcessor:
     def _recover(self) -> None:
         """Recover a crashed worker's jobs before claiming, and report each one.
 
+        At the first claim of a run, then at most every ``RECOVER_EVERY`` seconds: leases last
+        tens of seconds, and a busy worker claims hundreds of times a second.
+
         Every death gets its hooks and metrics whichever process discovers it: the lost
         attempt is counted (``lost``), ``on_failure`` runs with a :class:`~hardening.LeaseLost`,
         and a job out of attempts is dead-lettered with ``on_dead`` and the dead-letter count.
@@ -644,6 +659,11 @@ class QueueProcessor:
         backend = self.backend
         if not isinstance(backend, RecoveringBackend):
             return
+        now = time.monotonic()
+        self._recover_skipped = now - self._last_recover < RECOVER_EVERY
+        if self._recover_skipped:
+            return
+        self._last_recover = now
         try:
             recovered = backend.recover(self.queue_name, max_lost=self.options.max_lost)
         except Exception:  # the claim that follows meets the same trouble and reports it
@@ -663,6 +683,17 @@ class QueueProcessor:
                 _guard(self.on_dead, job, exc)
             else:
                 logger.warning("job %s lost its worker; it runs again", job.id)
+
+    def _drained(self) -> bool:
+        """For ``run_until_empty``, once a claim found nothing and nothing runs: done?
+
+        Not while that claim skipped recovering lapsed leases (paced): the next one recovers.
+        """
+        if not self._recover_skipped:
+            return True
+        self._recover_skipped = False
+        self._last_recover = -math.inf
+        return False
 
     def _claim(self, free: int, idle: Idle) -> list[Job]:
         backend = self.backend
@@ -761,7 +792,7 @@ class QueueProcessor:
         try:
             await asyncio.to_thread(self._wait_for_rate_limit)
             work = self.process(job) if self._async else asyncio.to_thread(self.process, job)
-            timeout = self.options.timeout
+            timeout = self.options.timeout if job.timeout is None else job.timeout
             try:
                 await asyncio.wait_for(work, timeout)  # type: ignore[arg-type]
             except asyncio.TimeoutError as exc:
@@ -785,6 +816,7 @@ class QueueProcessor:
 
     async def _run_tasks(self, *, until_empty: bool) -> int:
         held = Held()
+        self._last_recover = -math.inf  # a run's first claim recovers
         tasks: set[asyncio.Task[None]] = set()
         attempts = 0
         idle = Idle(self.options.poll_interval)
@@ -810,7 +842,7 @@ class QueueProcessor:
                 attempts += len(jobs)
                 if jobs:
                     continue
-                if until_empty and not tasks:
+                if until_empty and not tasks and self._drained():
                     break
                 if tasks:
                     await asyncio.wait(

@@ -270,7 +270,7 @@ class MemoryBackend:
                     counts[job.state] += 1
                 if job.state in READY_STATES and job.run_at <= now:
                     oldest = min(oldest, job.run_at)
-        return QueueStats(**counts, oldest_waiting_age=now - oldest)
+        return QueueStats.from_counts(counts, now - oldest)
 
     def dead_letters(self, queue: str, *, limit: int = 100) -> list[Job]:
         """Dead jobs, most recently dead first."""

@@ -117,6 +117,7 @@ def _job(queue: str, reply: object) -> Job:
     last_error = f.get("last_error")
     finished_at = f.get("finished_at")
     lease_expires_at = f.get("lease_expires_at")
+    timeout = f.get("timeout")
     return Job(
         id=f["id"],
         queue=queue,
@@ -133,6 +134,7 @@ def _job(queue: str, reply: object) -> Job:
         history=history,
         lease_token=f.get("lease_token"),
         lease_expires_at=float(lease_expires_at) if lease_expires_at else None,
+        timeout=float(timeout) if timeout else None,
     )
 
 
@@ -275,6 +277,7 @@ class RedisBackend:
             str(job.max_attempts),
             "0" if job.dedupe_key is None else "1",
             job.dedupe_key or "",
+            "" if job.timeout is None else _number(job.timeout),
         )
         if int(reply[0]) == 1:
             return job.job()

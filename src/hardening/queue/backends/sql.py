@@ -24,7 +24,6 @@ from hardening.errors import ConfigurationError, LeaseLost
 from hardening.queue.backends.base import LEASE_EXPIRED, ack_each
 from hardening.queue.job import (
     FINISHED_STATES,
-    READY_STATES,
     Attempt,
     Job,
     JobError,
@@ -51,8 +50,13 @@ workers died at once (the rest are recovered by the next claims)."""
 # lets go of it): no state change can enter this set, only an insert, which ON CONFLICT
 # guards, so no retry, recovery, release or requeue can ever violate the unique index.
 _DEDUPE_WHERE = "state = 'waiting' AND started_at IS NULL AND dedupe_key IS NOT NULL"
-_OLD_DEDUPE_INDEX = "{name}_dedupe_idx"  # held retrying jobs too: a retry could violate it
+# indexes of earlier versions, dropped by create_schema: the dedupe index held retrying jobs
+# too (a retry could violate it); the finished index lacked the state (counting dead jobs read
+# every finished row)
+_OLD_INDEXES = ("{name}_dedupe_idx", "{name}_finished_idx")
 _READY = sa.text("state IN ('waiting', 'retrying')")  # the ready index's predicate
+FINISHED_COUNT_LIMIT = 10_000
+"""``SQLBackend.stats`` counts finished jobs exactly up to this many per state."""
 _LOST = '"outcome":"lost"'  # how a lost attempt reads in the stored history JSON
 _STORE_NOW = sa.text("SELECT EXTRACT(EPOCH FROM clock_timestamp())")  # PostgreSQL's own time
 
@@ -69,9 +73,10 @@ def jobs_table(
 
     Returns:
         The table, with its partial indexes: ready jobs by priority, running jobs by lease
-        expiry, finished jobs by finish time, and a unique deduplication key among jobs
-        that wait and were never claimed (``<name>_dedupe_waiting_idx``; it replaces the
-        earlier ``<name>_dedupe_idx``, which :meth:`SQLBackend.create_schema` drops).
+        expiry, finished jobs by state and finish time (``<name>_finished_state_idx``), and
+        a unique deduplication key among jobs that wait and were never claimed
+        (``<name>_dedupe_waiting_idx``). They replace the earlier ``<name>_finished_idx``
+        and ``<name>_dedupe_idx``, which :meth:`SQLBackend.create_schema` drops.
     """
     ready = _READY
     table = sa.Table(
@@ -94,6 +99,7 @@ def jobs_table(
         sa.Column("lease_token", sa.String(32)),
         sa.Column("lease_expires_at", sa.Double),
         sa.Column("worker", sa.String(200)),
+        sa.Column("timeout", sa.Double),  # seconds per attempt; NULL: the processor's
         schema=schema,
     )
     sa.Index(
@@ -113,8 +119,9 @@ def jobs_table(
     )
     finished = sa.text("state IN ('completed', 'dead')")
     sa.Index(
-        f"{name}_finished_idx",
+        f"{name}_finished_state_idx",
         table.c.queue,
+        table.c.state,
         table.c.finished_at,
         postgresql_where=finished,
         sqlite_where=finished,
@@ -186,22 +193,40 @@ class SQLBackend:
 
     @sql_unavailable
     def create_schema(self) -> None:
-        """Create the table and its indexes if they do not exist.
+        """Create the table and its indexes if they do not exist, or bring an older one up to date.
 
         An existing table's dedupe index of earlier versions (``<name>_dedupe_idx``, which
         also covered retrying jobs, so that a retry could violate it) is dropped, and the
-        current one created.
+        current one created; so is the finished index without the state
+        (``<name>_finished_idx``, now ``<name>_finished_state_idx``). Columns added since
+        (``timeout``) are added.
 
         Raises:
             BackendUnavailable: the database could not be reached or timed out.
         """
         quote = self.engine.dialect.identifier_preparer
-        old = quote.quote(_OLD_DEDUPE_INDEX.format(name=self.table.name))
-        if self.table.schema:
-            old = f"{quote.quote_schema(self.table.schema)}.{old}"
+        schema = f"{quote.quote_schema(self.table.schema)}." if self.table.schema else ""
         with self.engine.begin() as conn:
-            conn.execute(sa.text(f"DROP INDEX IF EXISTS {old}"))
+            for old in _OLD_INDEXES:
+                name = quote.quote(old.format(name=self.table.name))
+                conn.execute(sa.text(f"DROP INDEX IF EXISTS {schema}{name}"))
         self.metadata.create_all(self.engine)
+        present = {
+            column["name"]
+            for column in sa.inspect(self.engine).get_columns(
+                self.table.name, schema=self.table.schema
+            )
+        }
+        table = quote.format_table(self.table)
+        with self.engine.begin() as conn:
+            for column in self.table.c:
+                if column.name not in present:  # added since: nullable, no default
+                    kind = column.type.compile(dialect=self.engine.dialect)
+                    conn.execute(
+                        sa.text(f"ALTER TABLE {table} ADD COLUMN {quote.quote(column.name)} {kind}")
+                    )
+            for index in self.table.indexes:  # create_all skips an existing table's indexes
+                index.create(conn, checkfirst=True)
 
     @sql_unavailable
     def drop_schema(self) -> None:
@@ -239,6 +264,7 @@ class SQLBackend:
             history=history,
             lease_token=row.lease_token if row.state == "running" else None,
             lease_expires_at=row.lease_expires_at if row.state == "running" else None,
+            timeout=row.timeout,
         )
 
     def _append(self, entry: Attempt | None = None) -> Any:
@@ -402,6 +428,7 @@ class SQLBackend:
             "run_at": job.run_at,
             "dedupe_key": job.dedupe_key,
             "history": "[]",
+            "timeout": job.timeout,
         }
         if job.dedupe_key is None:
             if session is not None:
@@ -746,36 +773,66 @@ class SQLBackend:
 
     @sql_unavailable
     def stats(self, queue: str) -> QueueStats:
-        """Counts per state (one grouped query) and the oldest ready job's age.
+        """Counts per state and the oldest ready job's age, at a cost that ignores history.
+
+        Live jobs are counted through the partial ready and running indexes. Finished jobs
+        (``completed``, ``dead``), which pile up until cleanup, are counted exactly up to
+        :data:`FINISHED_COUNT_LIMIT` each; past it, PostgreSQL gives its planner's estimate
+        (``finished_exact`` is then ``False``) and SQLite counts them all.
 
         Raises:
             BackendUnavailable: the database could not be reached or timed out.
         """
         now = self.clock.time()
         t = self.table
-        kind = sa.case(
-            (sa.and_(t.c.state == "waiting", t.c.run_at > now), "delayed"), else_=t.c.state
+        later = t.c.run_at > now
+        live = (
+            sa.select(
+                t.c.state,
+                later.label("later"),
+                sa.func.count(),
+                sa.func.min(sa.case((sa.not_(later), t.c.run_at))),
+            )
+            .where(t.c.queue == queue, _READY)
+            .group_by(t.c.state, later)
         )
-        ready = sa.and_(t.c.state.in_(READY_STATES), t.c.run_at <= now)
+        running = sa.select(sa.func.count()).where(t.c.queue == queue, t.c.state == "running")
+        counts = dict.fromkeys(("waiting", "delayed", "retrying"), 0)
+        oldest: float | None = None
+        exact = True
         with self._single.connect() as conn:
-            rows = conn.execute(
-                sa.select(kind.label("kind"), sa.func.count())
-                .where(t.c.queue == queue)
-                .group_by(kind)
-            ).all()
-            oldest = conn.execute(
-                sa.select(sa.func.min(t.c.run_at)).where(t.c.queue == queue, ready)
-            ).scalar()
-        counts = {str(kind): int(count) for kind, count in rows}
-        return QueueStats(
-            waiting=counts.get("waiting", 0),
-            delayed=counts.get("delayed", 0),
-            running=counts.get("running", 0),
-            retrying=counts.get("retrying", 0),
-            dead=counts.get("dead", 0),
-            completed=counts.get("completed", 0),
-            oldest_waiting_age=max(0.0, now - oldest) if oldest is not None else 0.0,
+            for state, is_later, count, first_due in conn.execute(live):
+                kind = "delayed" if state == "waiting" and is_later else str(state)
+                counts[kind] += int(count)
+                if first_due is not None:
+                    oldest = first_due if oldest is None else min(oldest, first_due)
+            counts["running"] = int(conn.execute(running).scalar_one())
+            for state in ("completed", "dead"):
+                counts[state], counted = self._count_finished(conn, queue, state)
+                exact = exact and counted
+        age = max(0.0, now - oldest) if oldest is not None else 0.0
+        return QueueStats.from_counts(counts, age, finished_exact=exact)
+
+    def _count_finished(self, conn: sa.Connection, queue: str, state: str) -> tuple[int, bool]:
+        """``(count, exact)`` of a queue's jobs in ``state``, reading a bounded number of rows."""
+        t = self.table
+        where = sa.and_(t.c.queue == queue, t.c.state == state)
+        capped = sa.select(sa.literal(1)).where(where).limit(FINISHED_COUNT_LIMIT + 1).subquery()
+        count = int(conn.execute(sa.select(sa.func.count()).select_from(capped)).scalar_one())
+        if count <= FINISHED_COUNT_LIMIT:
+            return count, True
+        if not self._postgres:
+            return int(conn.execute(sa.select(sa.func.count()).where(where)).scalar_one()), True
+        query = (
+            sa.select(sa.literal(1))
+            .where(where)
+            .compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True})
         )
+        plan = conn.exec_driver_sql(f"EXPLAIN (FORMAT JSON) {query}").scalar_one()
+        if isinstance(plan, str):
+            plan = json.loads(plan)
+        estimate = int(plan[0]["Plan"]["Plan Rows"])
+        return max(estimate, count), False
 
     @sql_unavailable
     def dead_letters(self, queue: str, *, limit: int = 100) -> list[Job]:

@@ -1,6 +1,7 @@
 -- enqueue: store a new waiting job, or return the waiting job holding the same dedupe key.
 -- ARGV[3] id, ARGV[4] queue, ARGV[5] payload JSON, ARGV[6] priority, ARGV[7] run_at,
--- ARGV[8] created_at, ARGV[9] max_attempts, ARGV[10] '1' with a dedupe key, ARGV[11] the key
+-- ARGV[8] created_at, ARGV[9] max_attempts, ARGV[10] '1' with a dedupe key, ARGV[11] the key,
+-- ARGV[12] the attempt timeout in seconds ('' for the processor's)
 -- Returns {1} when stored, or {0, <the existing job's HGETALL>} when deduplicated.
 -- Idempotent: a job id that exists already is left alone and {1} returned. The client resends
 -- a command whose reply was lost (one retry after a connection error), and by then a worker
@@ -23,6 +24,7 @@ local run_at = ARGV[7]
 redis.call('HSET', key, 'id', id, 'queue', ARGV[4], 'payload', ARGV[5], 'priority', ARGV[6],
   'attempts', '0', 'max_attempts', ARGV[9], 'state', 'waiting', 'created_at', ARGV[8],
   'run_at', run_at, 'history', '[]')
+if ARGV[12] ~= '' then redis.call('HSET', key, 'timeout', ARGV[12]) end
 if deduped then
   redis.call('HSET', key, 'dedupe_key', dedupe_key)
   redis.call('HSET', K_DEDUPE, dedupe_key, id)
