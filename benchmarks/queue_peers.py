@@ -327,7 +327,8 @@ def main() -> None:
     package, run = PEERS[args.system]
     result = run(args.n, args.redis_url, args.postgres_url)
     result.update(system=args.system, version=version(package), n=args.n, handled=handled())
-    result["verified"] = result["handled"] == args.n and CHECKS[args.system](
+    # every job ran (a duplicate run is counted, not hidden: jobqueue.py reports it)
+    result["verified"] = result["handled"] >= args.n and CHECKS[args.system](
         result["record"], args.n
     )
     print(json.dumps(result), flush=True)
