@@ -54,6 +54,7 @@ if _typing.TYPE_CHECKING:
         rebase,
         validate_patch,
     )
+    from hardening.blocks.blockhistory import BlockHistory, BlockSave, BlockWindow
     from hardening.blocks.history import (
         AsyncDocumentHistory,
         ConflictPolicy,
@@ -210,6 +211,9 @@ _LAZY: dict[str, str] = {
     "PickleSerializer": "hardening.cache",
     "Serializer": "hardening.cache",
     "AsyncDocumentHistory": "hardening.blocks.history",
+    "BlockHistory": "hardening.blocks.blockhistory",
+    "BlockSave": "hardening.blocks.blockhistory",
+    "BlockWindow": "hardening.blocks.blockhistory",
     "ConflictPolicy": "hardening.blocks.history",
     "DocumentHistory": "hardening.blocks.history",
     "DocumentVersion": "hardening.blocks.history",
@@ -277,6 +281,9 @@ __all__ = [  # noqa: RUF022
     "BackendErrorMode",
     "BackendUnavailable",
     "Backoff",
+    "BlockHistory",
+    "BlockSave",
+    "BlockWindow",
     "Cache",
     "CacheError",
     "CacheStats",

@@ -1,4 +1,11 @@
-"""DocumentHistory on SQLite and real PostgreSQL: saves, rebuilds, snapshots, conflicts, races."""
+"""DocumentHistory and BlockHistory on SQLite and real PostgreSQL: saves, rebuilds, snapshots,
+conflicts, races.
+
+Every synchronous test runs on both storages (the ``storage`` fixture): the whole-document
+head and the row-per-block one must behave alike. ``BlockHistory`` leaves due snapshots to
+``snapshot()`` (a queue job in a service); the tests' ``_Blocks`` calls it right after each
+save, so that both storages keep the same snapshots.
+"""
 
 from __future__ import annotations
 
@@ -24,7 +31,32 @@ from hardening import (
     apply_patch,
     diff,
 )
+from hardening.blocks.blockhistory import BlockHistory, BlockSave
 from hardening.blocks.history import HistoryBase
+
+_STORAGE = ["document"]
+
+
+class _Blocks(BlockHistory):
+    """BlockHistory writing each due snapshot right after the save (as a job would)."""
+
+    def apply(self, doc_id: str, patch: object, **options: object) -> BlockSave:  # type: ignore[override]
+        done = super().apply(doc_id, patch, **options)  # type: ignore[arg-type]
+        if done.snapshot_due:
+            self.snapshot(doc_id, session=options.get("session"))  # type: ignore[arg-type]
+        return done
+
+
+@pytest.fixture(params=["document", "blocks"])
+def storage(request: pytest.FixtureRequest) -> str:
+    """Which history class the test's ``_history`` builds."""
+    _STORAGE[0] = request.param
+    return str(request.param)
+
+
+def _metadata() -> sa.MetaData:
+    return BlockHistory.metadata if _STORAGE[0] == "blocks" else HistoryBase.metadata
+
 
 PAGE: dict[str, object] = {
     "title": "Plan",
@@ -33,13 +65,15 @@ PAGE: dict[str, object] = {
 
 
 @pytest.fixture
-def engine(sql_engine: sa.Engine) -> sa.Engine:
-    """Each SQL backend with the history tables created."""
-    HistoryBase.metadata.create_all(sql_engine)
+def engine(sql_engine: sa.Engine, storage: str) -> sa.Engine:
+    """Each SQL backend with the history tables of each storage created."""
+    _metadata().create_all(sql_engine)
     return sql_engine
 
 
-def _history(engine: sa.Engine, **options: object) -> DocumentHistory:
+def _history(engine: sa.Engine | None, **options: object) -> DocumentHistory:
+    if _STORAGE[0] == "blocks":
+        return _Blocks(engine, **options)  # type: ignore[arg-type,return-value]
     return DocumentHistory(engine, **options)  # type: ignore[arg-type]
 
 
@@ -48,17 +82,20 @@ def _canonical(value: object) -> str:
 
 
 def _rows(engine: sa.Engine) -> str:
-    """Every row of the three tables, to compare before and after."""
+    """Every row of the storage's tables, to compare before and after."""
     dump = {}
     with engine.connect() as conn:
-        for table in HistoryBase.metadata.sorted_tables:
+        for table in _metadata().sorted_tables:
             rows = conn.execute(sa.select(table).order_by(*table.primary_key.columns)).all()
             dump[table.name] = [[str(value) for value in row] for row in rows]
     return json.dumps(dump, sort_keys=True)
 
 
 def _snapshots(engine: sa.Engine, doc_id: str) -> list[int]:
-    table = HistoryBase.metadata.tables["hardening_document_snapshots"]
+    name = (
+        "hardening_block_snapshots" if _STORAGE[0] == "blocks" else "hardening_document_snapshots"
+    )
+    table = _metadata().tables[name]
     with engine.connect() as conn:
         query = sa.select(table.c.version).where(table.c.document_id == doc_id)
         return sorted(conn.execute(query).scalars())
@@ -108,7 +145,7 @@ def test_every_version_rebuilds_as_saved(engine: sa.Engine) -> None:
 def test_snapshots_every_n(engine: sa.Engine) -> None:
     """``every=3``: version 1 and then every third save are snapshots."""
     history = _history(engine, snapshots=SnapshotPolicy(every=3, replay_ratio=None))
-    history.create("d", {"n": 0})
+    history.create("d", {"n": 0, "blocks": []})
     for version in range(1, 11):
         history.save("d", [{"op": "replace", "path": "/n", "value": version}], base_version=version)
     assert _snapshots(engine, "d") == [1, 4, 7, 10]
@@ -119,7 +156,7 @@ def test_snapshots_by_bytes(engine: sa.Engine) -> None:
     history = _history(
         engine, snapshots=SnapshotPolicy(every=None, max_patch_bytes=150, replay_ratio=None)
     )
-    history.create("d", {"n": ""})
+    history.create("d", {"n": "", "blocks": []})
     for version in range(1, 7):  # each patch is about 60 bytes
         history.save(
             "d", [{"op": "replace", "path": "/n", "value": "x" * 10}], base_version=version
@@ -134,7 +171,7 @@ def _size(value: object) -> int:
 def test_snapshots_by_replay_cost(engine: sa.Engine) -> None:
     """``replay_ratio``: a snapshot once the patches since the last weigh as much as it."""
     history = _history(engine, snapshots=SnapshotPolicy(every=None))
-    content: dict[str, object] = {"text": "x" * 200}
+    content: dict[str, object] = {"text": "x" * 200, "blocks": []}
     history.create("d", content)
     expected, snapshot, pending = [1], _size(content), 0
     for version in range(1, 16):
@@ -289,7 +326,7 @@ def test_missing_document(engine: sa.Engine) -> None:
 def test_versions_out_of_range(engine: sa.Engine) -> None:
     """Versions past the head or below 1 do not exist."""
     history = _history(engine)
-    history.create("d", {})
+    history.create("d", {"blocks": []})
     for version in (0, 2, -5, 10**12, 2**63, 10**30):  # huge ones: no allocation, no DB error
         with pytest.raises(NotFoundError):
             history.load("d", version)
@@ -311,10 +348,10 @@ def test_impossible_ids_are_not_found(engine: sa.Engine, doc_id: str) -> None:
 def test_create_twice_is_a_conflict(engine: sa.Engine) -> None:
     """An id can be created once."""
     history = _history(engine)
-    history.create("d", {})
+    history.create("d", {"blocks": []})
     with pytest.raises(ConflictError):
-        history.create("d", {"other": 1})
-    assert history.load("d").content == {}
+        history.create("d", {"other": 1, "blocks": []})
+    assert history.load("d").content == {"blocks": []}
 
 
 def test_create_checks_the_content(engine: sa.Engine) -> None:
@@ -327,18 +364,20 @@ def test_create_checks_the_content(engine: sa.Engine) -> None:
     for bad in ("", "x" * 256):
         with pytest.raises(ConfigurationError):
             history.create(bad, {})
-    assert _rows(engine).count('hardening_documents": []') == 1
+    assert _rows(engine).count('documents": []') == 1
 
 
 def test_compact(engine: sa.Engine) -> None:
     """Compaction keeps the last ``keep`` versions rebuildable, and only those."""
     history = _history(engine, snapshots=SnapshotPolicy(every=4, replay_ratio=None))
-    history.create("d", {"n": 0})
+    history.create("d", {"n": 0, "blocks": []})
     for version in range(1, 12):
         history.save("d", [{"op": "replace", "path": "/n", "value": version}], base_version=version)
     assert history.compact("d", keep=5) == 8
     assert history.versions("d") == [8, 9, 10, 11, 12]
-    assert [history.load("d", v).content for v in range(8, 13)] == [{"n": n} for n in range(7, 12)]
+    assert [history.load("d", v).content for v in range(8, 13)] == [
+        {"n": n, "blocks": []} for n in range(7, 12)
+    ]
     with pytest.raises(NotFoundError):
         history.load("d", 7)
     assert _snapshots(engine, "d") == [8, 9]
@@ -351,26 +390,28 @@ def test_compact(engine: sa.Engine) -> None:
 def test_unicode_and_nul_round_trip(engine: sa.Engine) -> None:
     """Non-ASCII text and NUL characters survive both databases' JSON columns."""
     history = _history(engine, snapshots=SnapshotPolicy(every=2))
-    history.create("d", {"t": "é"})
+    history.create("d", {"t": "é", "blocks": []})
     history.save("d", [{"op": "replace", "path": "/t", "value": "a\x00b😀"}], base_version=1)
     history.save("d", [{"op": "add", "path": "/n", "value": 1.0}], base_version=2)
-    assert _canonical(history.load("d", 2).content) == _canonical({"t": "a\x00b😀"})
-    assert _canonical(history.load("d").content) == _canonical({"t": "a\x00b😀", "n": 1.0})
+    assert _canonical(history.load("d", 2).content) == _canonical({"t": "a\x00b😀", "blocks": []})
+    assert _canonical(history.load("d").content) == _canonical(
+        {"t": "a\x00b😀", "n": 1.0, "blocks": []}
+    )
 
 
 def test_inside_the_callers_transaction(engine: sa.Engine) -> None:
     """With ``session=`` nothing is committed: the caller's rollback undoes the save."""
-    history = DocumentHistory()  # no engine: every call brings its session
+    history = _history(None)  # no engine: every call brings its session
     with engine.connect() as conn:
         with conn.begin():
-            history.create("d", {"n": 0}, session=conn)
+            history.create("d", {"n": 0, "blocks": []}, session=conn)
         transaction = conn.begin()
         history.save(
             "d", [{"op": "replace", "path": "/n", "value": 1}], base_version=1, session=conn
         )
         assert history.load("d", session=conn).version == 2
         transaction.rollback()
-        assert history.load("d", session=conn).content == {"n": 0}
+        assert history.load("d", session=conn).content == {"n": 0, "blocks": []}
     with pytest.raises(ConfigurationError):
         history.load("d")
 
@@ -379,13 +420,13 @@ def test_orm_session(engine: sa.Engine) -> None:
     """An ORM ``Session`` works like a connection."""
     from sqlalchemy.orm import Session
 
-    history = DocumentHistory()
+    history = _history(None)
     with Session(engine) as session, session.begin():
-        history.create("d", {"n": 0}, session=session)
+        history.create("d", {"n": 0, "blocks": []}, session=session)
         history.save(
             "d", [{"op": "replace", "path": "/n", "value": 1}], base_version=1, session=session
         )
-    assert DocumentHistory(engine).load("d").content == {"n": 1}
+    assert _history(engine).load("d").content == {"n": 1, "blocks": []}
 
 
 def test_metrics(engine: sa.Engine) -> None:
@@ -405,19 +446,20 @@ def test_metrics(engine: sa.Engine) -> None:
 
 
 @pytest.mark.parametrize("options", [{"conflict": "merge"}, {"retries": -1}, {"retries": True}])
-def test_options_are_checked(options: dict[str, object]) -> None:
+@pytest.mark.parametrize("kind", [DocumentHistory, BlockHistory])
+def test_options_are_checked(kind: type[DocumentHistory], options: dict[str, object]) -> None:
     """An unknown policy or a bad retry count is refused at construction."""
     with pytest.raises(ConfigurationError):
-        DocumentHistory(**options)  # type: ignore[arg-type]
+        kind(**options)  # type: ignore[arg-type]
 
 
 # --- concurrency on real PostgreSQL ------------------------------------------------------
 
 
 @pytest.fixture
-def pg_history_engine(pg_engine: sa.Engine) -> sa.Engine:
-    """PostgreSQL with the history tables."""
-    HistoryBase.metadata.create_all(pg_engine)
+def pg_history_engine(pg_engine: sa.Engine, storage: str) -> sa.Engine:
+    """PostgreSQL with the history tables of each storage."""
+    _metadata().create_all(pg_engine)
     return pg_engine
 
 

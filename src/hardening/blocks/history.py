@@ -352,12 +352,12 @@ class _HistoryBase:
         if base_version == head.version:
             return False
         if self.conflict == "reject" or not 1 <= base_version < head.version:
-            raise self._stale(doc_id, head, base_version)
+            raise self._stale(doc_id, head.version, base_version)
         return True
 
-    def _stale(self, doc_id: str, head: _Head, base_version: int) -> ConflictError:
+    def _stale(self, doc_id: str, head_version: int, base_version: int) -> ConflictError:
         error = ConflictError(
-            "Document", doc_id, expected_version=base_version, current_version=head.version
+            "Document", doc_id, expected_version=base_version, current_version=head_version
         )
         return _report(error, self.metrics, None)
 
@@ -545,7 +545,7 @@ class DocumentHistory(_HistoryBase):
                     try:
                         base = _rebuild(db, doc_id, base_version)
                     except NotFoundError:  # compacted away: nothing to merge against
-                        raise self._stale(doc_id, head, base_version) from None
+                        raise self._stale(doc_id, head.version, base_version) from None
                 save = self._plan(head, ops, base)
                 try:
                     version = update_versioned(
@@ -806,7 +806,7 @@ class AsyncDocumentHistory(_HistoryBase):
                     try:
                         base = await _rebuild_async(db, doc_id, base_version)
                     except NotFoundError:
-                        raise self._stale(doc_id, head, base_version) from None
+                        raise self._stale(doc_id, head.version, base_version) from None
                 save = self._plan(head, ops, base)
                 try:
                     version = await update_versioned_async(

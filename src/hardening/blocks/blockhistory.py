@@ -1,0 +1,653 @@
+"""``BlockHistory``: block pages stored one row per block, so a save costs the size of the edit.
+
+``DocumentHistory`` keeps a document's head as one JSON value: every save reads, patches and
+rewrites all of it, so a one-field edit of a 10,000-block page moves megabytes. Here a page
+(a JSON array of blocks: objects with a unique string id) is kept as rows
+(``_blockrows.py``): the head row with the version, one row per block with an order key, and
+the history as in ``DocumentHistory``: a patch row per version, snapshots by the
+:class:`~hardening.SnapshotPolicy`.
+
+A save bumps the head row's version (the optimistic lock, which also orders concurrent saves of
+one page), applies the patch to the rows it names (``_pages.py``: index paths are resolved in
+SQL, id guards by id) and writes the patch row, in one transaction. A snapshot that falls due
+is **not** written by the save, which would cost O(page) in the request: the save says so
+(:attr:`BlockSave.snapshot_due`) and :meth:`BlockHistory.snapshot` writes it, from a queue job
+say. Until then older versions are rebuilt from an earlier snapshot and more patches, exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from hardening._sql import sql_unavailable
+from hardening.blocks._blockrows import (
+    BlockBase,
+    BlockDocument,
+    Executor,
+    RowsPage,
+    block_patches,
+    block_rows,
+    block_snapshots,
+    dump_json,
+    rows_for,
+)
+from hardening.blocks._order import DIGITS, KEY_LIMIT
+from hardening.blocks._pages import (
+    Block,
+    ListPage,
+    apply_to_page,
+    join_document,
+    split_document,
+)
+from hardening.blocks.history import (
+    ConflictPolicy,
+    DocumentVersion,
+    _check_id,
+    _check_version,
+    _exists,
+    _HistoryBase,
+    _not_found,
+)
+from hardening.blocks.patch import DEFAULT_LIMITS, PatchLimits, _checked, patch_size
+from hardening.blocks.policy import SnapshotPolicy, compaction_floor
+from hardening.blocks.rebase import merge_patch
+from hardening.errors import ConfigurationError, ConflictError, MalformedBody, NotFoundError
+from hardening.locking import update_versioned
+
+if TYPE_CHECKING:
+    from hardening.metrics import Metrics
+
+__all__ = ["BlockHistory", "BlockSave", "BlockWindow"]
+
+_heads: sa.Table = BlockDocument.__table__  # type: ignore[assignment]
+
+
+@dataclass(frozen=True)
+class BlockSave:
+    """What one save did.
+
+    Attributes:
+        version: the new version.
+        changed: ids of the blocks added or whose content changed (moves change no content).
+        removed: ids of the blocks removed.
+        snapshot_due: the snapshot policy wants one: call :meth:`BlockHistory.snapshot` off the
+            request path (a queue job); until then the save has not paid for it.
+    """
+
+    version: int
+    changed: frozenset[str]
+    removed: frozenset[str]
+    snapshot_due: bool
+
+
+@dataclass(frozen=True)
+class BlockWindow:
+    """Some of a page's blocks, as :meth:`BlockHistory.load_blocks` reads them.
+
+    Attributes:
+        doc_id: the document's id.
+        version: the page's version when read (its ``ETag``).
+        total: how many blocks the page holds.
+        blocks: the blocks of the window, in order.
+        next_after: the cursor of the next window (pass it as ``after``); ``None`` at the end.
+        meta: the document's members beside its blocks (``None``: it is the array itself).
+    """
+
+    doc_id: str
+    version: int
+    total: int
+    blocks: list[Block]
+    next_after: str | None
+    meta: dict[str, object] | None = None
+
+
+@dataclass(frozen=True)
+class _Head:
+    version: int
+    block_count: int
+    blocks_bytes: int
+    snapshot_bytes: int
+    patches_since: int
+    patch_bytes_since: int
+    meta: str | None
+
+    def members(self) -> dict[str, object] | None:
+        return None if self.meta is None else dict(json.loads(self.meta))
+
+
+def _select_head(doc_id: str) -> sa.Select[Any]:
+    h = _heads.c
+    return sa.select(
+        h.version,
+        h.block_count,
+        h.blocks_bytes,
+        h.snapshot_bytes,
+        h.patches_since_snapshot,
+        h.patch_bytes_since_snapshot,
+        h.meta,
+    ).where(h.id == doc_id)
+
+
+def _head(db: Executor, doc_id: str) -> _Head:
+    row = db.execute(_select_head(doc_id)).first()
+    if row is None:
+        raise _not_found(doc_id)
+    return _Head(*row)
+
+
+def _check_cursor(after: object) -> str:
+    if (
+        not isinstance(after, str)
+        or not 1 <= len(after) <= KEY_LIMIT
+        or after[-1] == DIGITS[0]
+        or any(c not in DIGITS for c in after)
+    ):
+        raise MalformedBody("after: not a block cursor")
+    return after
+
+
+class BlockHistory(_HistoryBase):
+    """Versioned block pages edited by JSON Patch, a row per block: saves cost the edit's size.
+
+    The same API and conflict policies as :class:`~hardening.DocumentHistory` (``create``,
+    ``save``, ``load``, ``versions``, ``compact``), for documents that are a JSON array of
+    blocks (objects with a unique string ``id_key``), plus :meth:`apply` (a save that says
+    which blocks changed), :meth:`load_blocks` (a window of a page) and :meth:`snapshot`.
+
+    Patches follow RFC 6902 as ``apply_patch`` does, with two rules of a page: every element
+    stays a block (else :class:`~hardening.PatchApplyError`), and an id guard (``test`` of
+    ``/<i>/<id_key>``, as ``diff_blocks(..., guards=True)`` writes them) names its block: the
+    operations after it address that block wherever it stands, without reading the page up to
+    index ``<i>``. Unguarded indexes cost a read of the page up to them (an index scan).
+
+    Args:
+        engine: the engine to open a transaction on for each call without ``session=``.
+        snapshots: when a snapshot is due (default ``SnapshotPolicy()``).
+        conflict: ``"reject"``, ``"rebase"`` or ``"last-write-wins"``, as in
+            ``DocumentHistory``. A merge reads the whole base and head pages (rare: only a save
+            behind the head pays it).
+        limits: the bounds patches and pages respect (``max_array_length``: blocks per page).
+        id_key: the member holding each block's id.
+        blocks_key: in a document that is an object, the member holding its blocks (the
+            other members are stored beside, in the head row).
+        metrics: a registry for ``patch_applied`` and conflicts.
+        retries: with a merging policy, how often a save that lost the race re-merges.
+
+    Raises:
+        ConfigurationError: an unknown conflict policy or a negative ``retries``.
+    """
+
+    metadata: ClassVar[sa.MetaData] = BlockBase.metadata
+    """The four tables, for ``create_all`` or your migrations."""
+
+    def __init__(
+        self,
+        engine: sa.Engine | None = None,
+        *,
+        snapshots: SnapshotPolicy | None = None,
+        conflict: ConflictPolicy = "reject",
+        limits: PatchLimits | None = DEFAULT_LIMITS,
+        id_key: str = "id",
+        blocks_key: str = "blocks",
+        metrics: Metrics | None = None,
+        retries: int = 3,
+    ) -> None:
+        if not isinstance(blocks_key, str) or not blocks_key:
+            raise ConfigurationError("blocks_key must be a non-empty string")
+        self.blocks_key = blocks_key
+        super().__init__(
+            snapshots=snapshots,
+            conflict=conflict,
+            limits=limits,
+            id_key=id_key,
+            metrics=metrics,
+            retries=retries,
+        )
+        self.engine = engine
+
+    @sql_unavailable
+    def create_schema(self, engine: sa.Engine | None = None) -> None:
+        """Create the four tables if they do not exist (tests, prototypes; else migrations).
+
+        Raises:
+            BackendUnavailable: the database could not be reached or timed out (503).
+        """
+        BlockBase.metadata.create_all(self._engine(engine))
+
+    @sql_unavailable
+    def create(self, doc_id: str, content: object, *, session: Executor | None = None) -> int:
+        """Store a new page at version 1, with its first snapshot.
+
+        Args:
+            doc_id: the page's id (1 to 255 characters).
+            content: a JSON array of blocks (objects with a unique string id), or an object
+                holding one under ``blocks_key`` (its other members are kept beside).
+            session: run in this ``Session``/``Connection``'s transaction (not committed).
+
+        Returns:
+            ``1``.
+
+        Raises:
+            ConflictError: a page with this id exists.
+            InvalidPatch: ``content`` is not JSON (or holds lone surrogates).
+            PatchApplyError: ``content`` is not a block document (blocks with unique ids).
+            PatchLimitExceeded: ``content`` exceeds ``limits``.
+            BackendUnavailable: the database could not be reached or timed out (503).
+        """
+        size = self._new_document(doc_id, content)
+        page = ListPage([], self.id_key)
+        checked = _checked([{"op": "replace", "path": "", "value": content}], self.limits)[1]
+        meta: dict[str, object] | None = {} if isinstance(content, dict) else None
+        changes = apply_to_page(
+            page,
+            checked,
+            id_key=self.id_key,
+            limits=self.limits,
+            meta=meta,
+            blocks_key=self.blocks_key,
+        )
+        text = dump_json(content)
+        rows, total = rows_for(doc_id, page.items, self.id_key)
+        with self._transaction(session) as db:
+            if db.execute(sa.select(_heads.c.version).where(_heads.c.id == doc_id)).first():
+                raise _exists(doc_id)
+            try:
+                db.execute(
+                    sa.insert(_heads).values(
+                        id=doc_id,
+                        version=1,
+                        block_count=len(page.items),
+                        blocks_bytes=total,
+                        snapshot_bytes=size,
+                        patches_since_snapshot=0,
+                        patch_bytes_since_snapshot=0,
+                        meta=None if changes.meta is None else dump_json(changes.meta),
+                    )
+                )
+            except sa.exc.IntegrityError as exc:  # created concurrently
+                raise _exists(doc_id) from exc
+            if rows:
+                db.execute(sa.insert(block_rows), rows)
+            db.execute(
+                sa.insert(block_snapshots).values(
+                    document_id=doc_id, version=1, content=text, size_bytes=len(text.encode())
+                )
+            )
+        return 1
+
+    def save(
+        self, doc_id: str, patch: object, *, base_version: int, session: Executor | None = None
+    ) -> int:
+        """Apply a patch written against ``base_version``; return the new version.
+
+        See :meth:`apply`, which also says what changed.
+        """
+        return self.apply(doc_id, patch, base_version=base_version, session=session).version
+
+    @sql_unavailable
+    def apply(
+        self, doc_id: str, patch: object, *, base_version: int, session: Executor | None = None
+    ) -> BlockSave:
+        """Apply a patch written against ``base_version``, touching only the rows it names.
+
+        In one transaction (a savepoint inside ``session``'s): bump the head's version with
+        :func:`~hardening.update_versioned` (a concurrent save can never be lost), apply the
+        patch to the block rows, update the head's counts and write the patch row. A refused
+        patch writes nothing.
+
+        Args:
+            doc_id: the page's id.
+            patch: the JSON Patch, as received (validated here).
+            base_version: the version it was written against (``If-Match``).
+            session: run in this ``Session``/``Connection``'s transaction (not committed).
+
+        Returns:
+            The new version, the blocks changed and removed, and whether a snapshot is due.
+
+        Raises:
+            NotFoundError: no such page (404).
+            ConflictError: ``base_version`` is not the head's under ``"reject"``, or no longer
+                kept, or the race for the head was lost ``retries`` times (409).
+            PatchConflict: the patch clashes with a concurrent edit (``"rebase"``; 409).
+            PatchError: the patch is invalid, too large or does not apply (422/413/409).
+            BackendUnavailable: the database could not be reached or timed out (503).
+        """
+        doc_id = _check_id(doc_id)
+        raw = self._incoming(patch, base_version)
+        with self._transaction(session) as outer, self._savepoint(outer, session) as db:
+            attempt = 0
+            while True:
+                head = _head(db, doc_id)
+                merging = base_version != head.version
+                if merging and (self.conflict == "reject" or not 1 <= base_version < head.version):
+                    raise self._stale(doc_id, head.version, base_version)
+                try:
+                    version = update_versioned(
+                        db, BlockDocument, doc_id, head.version, {}, metrics=self.metrics
+                    )
+                    break
+                except ConflictError:
+                    if not self._retry(attempt):
+                        raise
+                    attempt += 1
+            page = RowsPage(
+                db,
+                doc_id,
+                count=head.block_count,
+                blocks_bytes=head.blocks_bytes,
+                id_key=self.id_key,
+            )
+            stored = raw
+            if merging:  # the head is ours now: merge against it
+                try:
+                    base = self._rebuild(db, doc_id, base_version)
+                except NotFoundError:  # compacted away: nothing to merge against
+                    raise self._stale(doc_id, head.version, base_version) from None
+                _, stored = merge_patch(
+                    raw,
+                    base=base,
+                    head=join_document(page.blocks(), head.members(), self.blocks_key),
+                    id_key=self.id_key,
+                    limits=self.limits,
+                    prefer_patch=self.conflict == "last-write-wins",
+                )
+            ops = _checked(stored, None, trusted=True)[1] if merging else _checked(raw, None)[1]
+            changes = apply_to_page(
+                page,
+                ops,
+                id_key=self.id_key,
+                limits=self.limits,
+                meta=head.members(),
+                blocks_key=self.blocks_key,
+            )
+            size = patch_size(stored)
+            patches = head.patches_since + 1
+            patch_bytes = head.patch_bytes_since + size
+            counts: dict[str, object] = {
+                "block_count": page.total,
+                "blocks_bytes": page.blocks_bytes,
+                "patches_since_snapshot": patches,
+                "patch_bytes_since_snapshot": patch_bytes,
+            }
+            if changes.meta_changed:
+                counts["meta"] = None if changes.meta is None else dump_json(changes.meta)
+            db.execute(sa.update(_heads).where(_heads.c.id == doc_id).values(counts))
+            db.execute(
+                sa.insert(block_patches).values(
+                    document_id=doc_id,
+                    version=version,
+                    patch=dump_json(stored),
+                    operations=len(stored),
+                    size_bytes=size,
+                )
+            )
+        if self.metrics is not None:
+            self.metrics.patch_applied(len(stored), size, page.total)
+        due = self.snapshots.due(
+            patches=patches, patch_bytes=patch_bytes, snapshot_bytes=head.snapshot_bytes
+        )
+        return BlockSave(version, frozenset(changes.changed), frozenset(changes.removed), due)
+
+    @sql_unavailable
+    def load(
+        self, doc_id: str, version: int | None = None, *, session: Executor | None = None
+    ) -> DocumentVersion:
+        """The head page (one consistent read), or any kept version rebuilt.
+
+        Raises:
+            NotFoundError: no such page, or that version is not (or no longer) kept.
+            BackendUnavailable: the database could not be reached or timed out (503).
+        """
+        doc_id = _check_id(doc_id)
+        if version is not None and type(version) is not int:
+            raise ConfigurationError(f"version must be an int, not {version!r}")
+        with self._transaction(session) as db:
+            if version is not None:
+                head_version = db.execute(
+                    sa.select(_heads.c.version).where(_heads.c.id == doc_id)
+                ).scalar_one_or_none()
+                if version != head_version:
+                    _check_version(doc_id, version, head_version)
+                    return DocumentVersion(doc_id, version, self._rebuild(db, doc_id, version))
+            window = self._window(db, doc_id, offset=0, after=None, limit=None)
+            content = join_document(window.blocks, window.meta, self.blocks_key)
+            return DocumentVersion(doc_id, window.version, content)
+
+    @sql_unavailable
+    def load_blocks(
+        self,
+        doc_id: str,
+        *,
+        offset: int = 0,
+        limit: int = 100,
+        after: str | None = None,
+        session: Executor | None = None,
+    ) -> BlockWindow:
+        """A window of the head page: ``limit`` blocks from ``offset``, or after a cursor.
+
+        One statement reads the window with the page's version and block count, so they
+        agree. ``after`` (a window's ``next_after``) pages by key, at a cost independent of
+        how far into the page the window is; ``offset`` reads the page up to it.
+
+        Raises:
+            NotFoundError: no such page.
+            MalformedBody: ``after`` is not a cursor this store made (400).
+            BackendUnavailable: the database could not be reached or timed out (503).
+        """
+        doc_id = _check_id(doc_id)
+        if type(offset) is not int or offset < 0 or type(limit) is not int or limit < 1:
+            raise ConfigurationError("offset must be an int >= 0 and limit an int >= 1")
+        cursor = None if after is None else _check_cursor(after)
+        with self._transaction(session) as db:
+            return self._window(db, doc_id, offset=offset, after=cursor, limit=limit)
+
+    def _window(
+        self, db: Executor, doc_id: str, *, offset: int, after: str | None, limit: int | None
+    ) -> BlockWindow:
+        h, r = _heads.c, block_rows.c
+        version = sa.select(h.version).where(h.id == doc_id).scalar_subquery()
+        count = sa.select(h.block_count).where(h.id == doc_id).scalar_subquery()
+        meta = sa.select(h.meta).where(h.id == doc_id).scalar_subquery()
+        query = (
+            sa.select(version.label("v"), count.label("n"), meta.label("m"), r.position, r.content)
+            .where(r.document_id == doc_id)
+            .order_by(r.position)
+        )
+        if after is not None:
+            query = query.where(r.position > after)
+        elif offset:
+            query = query.offset(offset)
+        if limit is not None:
+            query = query.limit(limit + 1)
+        rows = db.execute(query).all()
+        if rows:
+            page_version, total, members = rows[0].v, rows[0].n, rows[0].m
+        else:  # an empty page, or past its end
+            head = _head(db, doc_id)
+            page_version, total, members = head.version, head.block_count, head.meta
+        more = limit is not None and len(rows) > limit
+        rows = rows[:limit] if limit is not None else rows
+        return BlockWindow(
+            doc_id,
+            page_version,
+            total,
+            [json.loads(row.content) for row in rows],
+            rows[-1].position if more else None,
+            None if members is None else json.loads(members),
+        )
+
+    @sql_unavailable
+    def snapshot(
+        self, doc_id: str, *, force: bool = False, session: Executor | None = None
+    ) -> int | None:
+        """Write the head's snapshot if the policy says one is due (or ``force``).
+
+        Reads the whole page once, holding the head row so that no save slips in between
+        (saves of this page wait meanwhile; other pages are not affected). Meant to run off the
+        request path: a queue job enqueued when a save returned ``snapshot_due``.
+
+        Returns:
+            The version snapshotted, or ``None`` when none was due.
+
+        Raises:
+            NotFoundError: no such page.
+            BackendUnavailable: the database could not be reached or timed out (503).
+        """
+        doc_id = _check_id(doc_id)
+        with self._transaction(session) as db:
+            row = db.execute(_select_head(doc_id).with_for_update()).first()
+            if row is None:
+                raise _not_found(doc_id)
+            head = _Head(*row)
+            due = self.snapshots.due(
+                patches=head.patches_since,
+                patch_bytes=head.patch_bytes_since,
+                snapshot_bytes=head.snapshot_bytes,
+            )
+            if not (force or due) or head.patches_since == 0:
+                return None
+            page = RowsPage(
+                db,
+                doc_id,
+                count=head.block_count,
+                blocks_bytes=head.blocks_bytes,
+                id_key=self.id_key,
+            )
+            text = dump_json(join_document(page.blocks(), head.members(), self.blocks_key))
+            size = len(text.encode())
+            db.execute(
+                sa.insert(block_snapshots).values(
+                    document_id=doc_id, version=head.version, content=text, size_bytes=size
+                )
+            )
+            db.execute(
+                sa.update(_heads)
+                .where(_heads.c.id == doc_id)
+                .values(snapshot_bytes=size, patches_since_snapshot=0, patch_bytes_since_snapshot=0)
+            )
+            return head.version
+
+    @sql_unavailable
+    def versions(self, doc_id: str, *, session: Executor | None = None) -> list[int]:
+        """The versions ``load`` can rebuild, oldest first.
+
+        Raises:
+            NotFoundError: no such page.
+            BackendUnavailable: the database could not be reached or timed out (503).
+        """
+        doc_id = _check_id(doc_id)
+        with self._transaction(session) as db:
+            head = _head(db, doc_id)
+            return list(range(self._oldest(db, doc_id), head.version + 1))
+
+    @sql_unavailable
+    def compact(self, doc_id: str, *, keep: int, session: Executor | None = None) -> int:
+        """Drop old patches and snapshots, keeping the ``keep`` latest versions rebuildable.
+
+        Returns:
+            The oldest version still rebuildable.
+
+        Raises:
+            NotFoundError: no such page.
+            ConfigurationError: ``keep`` is not a positive int.
+            BackendUnavailable: the database could not be reached or timed out (503).
+        """
+        doc_id = _check_id(doc_id)
+        with self._transaction(session) as db:
+            head = _head(db, doc_id)
+            oldest = self._oldest(db, doc_id)
+            floor = compaction_floor(head=head.version, oldest=oldest, keep=keep)
+            if floor == oldest:
+                return floor
+            s, p = block_snapshots.c, block_patches.c
+            kept = db.execute(
+                sa.select(s.version).where(s.document_id == doc_id, s.version == floor)
+            ).first()
+            if kept is None:
+                text = dump_json(self._rebuild(db, doc_id, floor))
+                db.execute(
+                    sa.insert(block_snapshots).values(
+                        document_id=doc_id,
+                        version=floor,
+                        content=text,
+                        size_bytes=len(text.encode()),
+                    )
+                )
+            db.execute(sa.delete(block_snapshots).where(s.document_id == doc_id, s.version < floor))
+            db.execute(sa.delete(block_patches).where(p.document_id == doc_id, p.version <= floor))
+            return floor
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _oldest(self, db: Executor, doc_id: str) -> int:
+        s = block_snapshots.c
+        return int(
+            db.execute(
+                sa.select(sa.func.min(s.version)).where(s.document_id == doc_id)
+            ).scalar_one()
+        )
+
+    def _rebuild(self, db: Executor, doc_id: str, version: int) -> object:
+        """The page at ``version``: its nearest snapshot at or below, then the patches after."""
+        s, p = block_snapshots.c, block_patches.c
+        snapshot = db.execute(
+            sa.select(s.version, s.content)
+            .where(s.document_id == doc_id, s.version <= version)
+            .order_by(s.version.desc())
+            .limit(1)
+        ).first()
+        if snapshot is None:
+            raise NotFoundError("DocumentVersion", (doc_id, version))
+        rows = db.execute(
+            sa.select(p.version, p.patch)
+            .where(p.document_id == doc_id, p.version > snapshot.version, p.version <= version)
+            .order_by(p.version)
+        ).all()
+        if [row.version for row in rows] != list(range(snapshot.version + 1, version + 1)):
+            raise NotFoundError("DocumentVersion", (doc_id, version))  # past the head, compacted
+        parts = split_document(json.loads(snapshot.content), self.blocks_key)
+        if parts is None:  # never stored by this class
+            raise NotFoundError("DocumentVersion", (doc_id, version))
+        page, meta = ListPage(parts[0], self.id_key), parts[1]
+        for row in rows:
+            ops = _checked(json.loads(row.patch), None, trusted=True)[1]
+            meta = apply_to_page(
+                page, ops, id_key=self.id_key, limits=None, meta=meta, blocks_key=self.blocks_key
+            ).meta
+        return join_document(page.items, meta, self.blocks_key)
+
+    @contextmanager
+    def _transaction(self, session: Executor | None) -> Iterator[Executor]:
+        if session is not None:
+            yield session
+            return
+        with self._engine(None).begin() as conn:
+            yield conn
+
+    @contextmanager
+    def _savepoint(self, db: Executor, session: Executor | None) -> Iterator[Executor]:
+        """Inside a caller's transaction, a savepoint: a refused patch leaves nothing behind."""
+        if session is None:  # our own transaction rolls back whole
+            yield db
+            return
+        conn = db.connection() if isinstance(db, Session) else db
+        raw = conn.connection.dbapi_connection
+        if conn.dialect.name == "sqlite" and not getattr(raw, "in_transaction", True):
+            # pysqlite opens its transaction lazily, at the first write: a SAVEPOINT before
+            # it would be the outermost, and its RELEASE would commit the caller's work
+            conn.exec_driver_sql("BEGIN")
+        with db.begin_nested():
+            yield db
+
+    def _engine(self, engine: sa.Engine | None) -> sa.Engine:
+        engine = engine or self.engine
+        if engine is None:
+            raise ConfigurationError("BlockHistory has no engine: pass session= (or engine)")
+        return engine
