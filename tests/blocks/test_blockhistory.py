@@ -403,3 +403,42 @@ def test_order_keys_sort_bytewise_on_postgres(pg_block_engine: sa.Engine) -> Non
         )
     ids = [b["id"] for b in history.load("p").content]  # type: ignore[union-attr]
     assert ids == ["b0", *[f"n{i}" for i in reversed(range(70))], "b1", "b2"]
+
+
+def test_check_block_sees_only_the_blocks_written(engine: sa.Engine) -> None:
+    """The block check runs on every block of a new page, then only on the blocks a save
+    writes; what it raises refuses the save and writes nothing."""
+    seen: list[object] = []
+
+    def check(block: dict[str, object]) -> None:
+        seen.append(block["id"])
+        if block.get("type") == "bad":
+            raise PatchApplyError("bad type")
+
+    history = BlockHistory(engine, check_block=check)
+    history.create("p", _page(50))
+    assert seen == [f"b{i}" for i in range(50)]
+    seen.clear()
+    patch = [
+        {"op": "test", "path": "/40/id", "value": "b40"},
+        {"op": "replace", "path": "/40/content", "value": "x"},
+        {"op": "move", "from": "/3", "path": "/0"},
+        {"op": "add", "path": "/1", "value": {"id": "n", "type": "p"}},
+    ]
+    assert history.save("p", patch, base_version=1) == 2
+    assert seen == ["b40", "n"]  # a move writes no content: nothing to check
+    with pytest.raises(PatchApplyError, match="bad type"):
+        history.save("p", [{"op": "replace", "path": "/5/type", "value": "bad"}], base_version=2)
+    assert history.load("p").version == 2
+
+
+def test_find_blocks_reads_only_the_named_blocks(engine: sa.Engine, history: BlockHistory) -> None:
+    """``find_blocks`` answers the head's version and the named blocks it still holds."""
+    history.create("p", _page(1_000))
+    history.save("p", [{"op": "remove", "path": "/7"}], base_version=1)
+    with _Statements(engine) as statements:
+        version, found = history.find_blocks("p", ["b3", "b7", "b999", "missing"])
+    assert version == 2
+    assert sorted(found) == ["b3", "b999"]
+    assert found["b3"] == {"id": "b3", "type": "p", "content": "text 3"}
+    assert len(statements.seen) == 1

@@ -20,6 +20,7 @@ operations follow :func:`~hardening.apply_patch` (RFC 6902), with these rules fo
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -117,11 +118,13 @@ def apply_to_page(
     limits: PatchLimits | None,
     meta: dict[str, object] | None = None,
     blocks_key: str = "blocks",
+    check: Callable[[Block], None] | None = None,
 ) -> PageChanges:
     """Apply checked operations to a block document, in order; what they changed.
 
     The document is ``page``'s blocks when ``meta`` is ``None``, else the object ``meta``
-    with the blocks as its member ``blocks_key``. ``meta`` is changed in place.
+    with the blocks as its member ``blocks_key``. ``meta`` is changed in place. ``check`` is
+    called with every block written, before it is stored; what it raises refuses the patch.
 
     On an error the page may be half-changed: the caller rolls its transaction back (SQL) or
     drops its copy (a list).
@@ -131,7 +134,7 @@ def apply_to_page(
         PatchTestFailed: a ``test`` (or an id guard) did not hold.
         PatchLimitExceeded: the page would hold more than ``limits.max_array_length`` blocks.
     """
-    applier = _Applier(page, id_key, limits, meta, blocks_key)
+    applier = _Applier(page, id_key, limits, meta, blocks_key, check)
     for op in ops:
         applier.run(op)
     applier.changes.meta = applier.meta
@@ -169,7 +172,9 @@ class _Applier:
         limits: PatchLimits | None,
         meta: dict[str, object] | None,
         blocks_key: str,
+        check: Callable[[Block], None] | None = None,
     ) -> None:
+        self.check = check
         self.page = page
         self.id_key = id_key
         self.limits = limits
@@ -349,6 +354,8 @@ class _Applier:
                     op_index=op.index,
                     op=op.raw,
                 )
+            if self.check is not None:
+                self.check(block)
             self.page.insert(index, block)
             self.structure_changed()
             self.changes.wrote(str(block[self.id_key]))
@@ -397,6 +404,9 @@ class _Applier:
             if block_id in seen:
                 raise op.failed(f"two blocks have the id {block_id!r}")
             seen.add(block_id)
+        if self.check is not None:
+            for item in value:
+                self.check(item)
         for gone in self.page.replace_all(value):
             self.changes.dropped(gone)
         for block_id in seen:
@@ -422,6 +432,8 @@ class _Applier:
         return result
 
     def stored(self, block_id: str, block: Block) -> None:
+        if self.check is not None:
+            self.check(block)
         self.page.put(block_id, block)
         new_id = str(block[self.id_key])
         if new_id != block_id:  # renamed: the old id is gone, guards may name it

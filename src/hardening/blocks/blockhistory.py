@@ -18,7 +18,7 @@ say. Until then older versions are rebuilt from an earlier snapshot and more pat
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -179,6 +179,10 @@ class BlockHistory(_HistoryBase):
             other members are stored beside, in the head row).
         metrics: a registry for ``patch_applied`` and conflicts.
         retries: with a merging policy, how often a save that lost the race re-merges.
+        check_block: called with every block ``create`` or a save writes, before it is
+            stored: your schema of a block (raise a :class:`~hardening.PatchError` or a
+            :class:`~hardening.MalformedBody` to refuse; nothing is written). Only the blocks a
+            save changes are checked, so its cost follows the edit too.
 
     Raises:
         ConfigurationError: an unknown conflict policy or a negative ``retries``.
@@ -198,7 +202,9 @@ class BlockHistory(_HistoryBase):
         blocks_key: str = "blocks",
         metrics: Metrics | None = None,
         retries: int = 3,
+        check_block: Callable[[Block], None] | None = None,
     ) -> None:
+        self.check_block = check_block
         if not isinstance(blocks_key, str) or not blocks_key:
             raise ConfigurationError("blocks_key must be a non-empty string")
         self.blocks_key = blocks_key
@@ -252,6 +258,7 @@ class BlockHistory(_HistoryBase):
             limits=self.limits,
             meta=meta,
             blocks_key=self.blocks_key,
+            check=self.check_block,
         )
         text = dump_json(content)
         rows, total = rows_for(doc_id, page.items, self.id_key)
@@ -366,6 +373,7 @@ class BlockHistory(_HistoryBase):
                 limits=self.limits,
                 meta=head.members(),
                 blocks_key=self.blocks_key,
+                check=self.check_block,
             )
             size = patch_size(stored)
             patches = head.patches_since + 1
@@ -447,6 +455,32 @@ class BlockHistory(_HistoryBase):
         cursor = None if after is None else _check_cursor(after)
         with self._transaction(session) as db:
             return self._window(db, doc_id, offset=offset, after=cursor, limit=limit)
+
+    @sql_unavailable
+    def find_blocks(
+        self, doc_id: str, block_ids: Iterable[str], *, session: Executor | None = None
+    ) -> tuple[int, dict[str, Block]]:
+        """The head's version and the blocks with these ids that it holds (one statement).
+
+        For work that follows a save's :attr:`BlockSave.changed` (re-indexing those blocks):
+        an id the page no longer holds is simply absent from the answer.
+
+        Raises:
+            NotFoundError: no such page.
+            BackendUnavailable: the database could not be reached or timed out (503).
+        """
+        doc_id = _check_id(doc_id)
+        wanted = sorted({b for b in block_ids if isinstance(b, str)})
+        h, r = _heads.c, block_rows.c
+        with self._transaction(session) as db:
+            version = sa.select(h.version).where(h.id == doc_id).scalar_subquery()
+            rows = db.execute(
+                sa.select(version.label("v"), r.block_id, r.content).where(
+                    r.document_id == doc_id, r.block_id.in_(wanted)
+                )
+            ).all()
+            page_version = rows[0].v if rows else _head(db, doc_id).version
+            return page_version, {row.block_id: json.loads(row.content) for row in rows}
 
     def _window(
         self, db: Executor, doc_id: str, *, offset: int, after: str | None, limit: int | None
