@@ -5,7 +5,7 @@ The same HTTP API as ``examples.pages_service.app`` (ASGI), over the same
 
     client → BodyLimit → Metrics → RateLimit (per IP; saves per user, tiers, admin bypass) →
     /metrics, /healthz (plain WSGI apps, mounted) or Flask (hardening errors → problem+json) →
-    If-Match → DocumentHistory.save (optimistic lock, version + 1) + indexing job in the same
+    If-Match → BlockHistory.apply (optimistic lock, version + 1) + indexing job in the same
     transaction → IndexWorker (a thread of each worker process) → search index.
 
 Serve it with gunicorn (``gunicorn -c examples/flask_pages/gunicorn.conf.py``, which starts
@@ -27,12 +27,20 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
 from examples.pages_service.limits import build_limits
-from examples.pages_service.store import Page, PageStore, Settings, check_blocks, make_engine
+from examples.pages_service.store import (
+    Page,
+    PageStore,
+    Settings,
+    check_blocks,
+    make_engine,
+    window_limit,
+)
 from hardening import (
     HardeningError,
     MalformedBody,
     Metrics,
     RateLimiter,
+    etag_for,
     if_match_version,
 )
 from hardening.adapters import (
@@ -222,6 +230,12 @@ def register_routes(app: Flask, store: PageStore) -> None:
 
     @app.get("/pages/<page_id>")
     def get_page(page_id: str) -> Response:
+        limit = window_limit(request.args.get("limit"))
+        if limit is not None:  # a window of the page: ?limit=100[&after=<next_after>]
+            window = store.window(page_id, limit=limit, after=request.args.get("after"))
+            response = jsonify(window)
+            response.headers["ETag"] = etag_for(cast(int, window["version"]))
+            return response
         page = store.get(page_id)
         if request.if_none_match.contains_weak(page.etag.strip('"')):
             return Response(status=304, headers={"ETag": page.etag})
@@ -233,7 +247,8 @@ def register_routes(app: Flask, store: PageStore) -> None:
         ops = parse_patch_body(request.get_data(), request.headers.get("Content-Type"))
         if base is None:  # If-Match: * — patch whatever is current
             base = store.get(page_id).version
-        return _saved_response(store.patch(page_id, ops, base))
+        full = "return=representation" in request.headers.get("Prefer", "")
+        return _saved_response(store.patch(page_id, ops, base, full=full))
 
     @app.put("/pages/<page_id>")
     def put_page(page_id: str) -> Response:

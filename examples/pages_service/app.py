@@ -1,7 +1,7 @@
 """The pages service on ASGI (Starlette), wired with ``hardening``'s public API only.
 
 client → BodyLimit → Metrics → RateLimit (per IP; saves per user, tiers, admin bypass) →
-Starlette (ErrorMiddleware inside) → If-Match → DocumentHistory.save (optimistic lock,
+Starlette (ErrorMiddleware inside) → If-Match → BlockHistory.apply (optimistic lock,
 version + 1) + indexing job in the same transaction → IndexWorker → search index.
 
 Run it with ``python -m examples.pages_service`` (see ``__main__``), or under uvicorn with
@@ -11,6 +11,7 @@ Run it with ``python -m examples.pages_service`` (see ``__main__``), or under uv
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -24,8 +25,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from examples.pages_service.limits import build_limits
-from examples.pages_service.store import Page, PageStore, Settings, check_blocks, make_engine
-from hardening import AsyncRateLimiter, MalformedBody, Metrics, if_match_version
+from examples.pages_service.store import (
+    Page,
+    PageStore,
+    Settings,
+    check_blocks,
+    make_engine,
+    window_limit,
+)
+from hardening import AsyncRateLimiter, MalformedBody, Metrics, etag_for, if_match_version
 from hardening.adapters import (
     parse_json_body,
     parse_patch_body,
@@ -74,6 +82,19 @@ def build_routes(store: PageStore) -> list[Route]:
         return _page_response(page, 201, Location=f"/pages/{page.id}")
 
     async def get_page(request: Request) -> Response:
+        limit = window_limit(request.query_params.get("limit"))
+        if limit is not None:  # a window of the page: ?limit=100[&after=<next_after>]
+            window = await run_in_threadpool(
+                functools.partial(
+                    store.window,
+                    request.path_params["page_id"],
+                    limit=limit,
+                    after=request.query_params.get("after"),
+                )
+            )
+            version = window["version"]
+            assert isinstance(version, int)
+            return JSONResponse(window, headers={"ETag": etag_for(version)})
         page = await run_in_threadpool(store.get, request.path_params["page_id"])
         if request.headers.get("if-none-match") == page.etag:
             return Response(status_code=304, headers={"ETag": page.etag})
@@ -85,7 +106,10 @@ def build_routes(store: PageStore) -> list[Route]:
         page_id = request.path_params["page_id"]
         if base is None:  # If-Match: * — patch whatever is current
             base = (await run_in_threadpool(store.get, page_id)).version
-        page = await run_in_threadpool(store.patch, page_id, ops, base)
+        full = "return=representation" in request.headers.get("prefer", "")
+        page = await run_in_threadpool(
+            functools.partial(store.patch, page_id, ops, base, full=full)
+        )
         return _saved_response(request, page)
 
     async def put_page(request: Request) -> Response:

@@ -4,17 +4,20 @@ Both example apps (``pages_service`` on ASGI, ``flask_pages`` on WSGI) are thin 
 over :class:`PageStore`, which uses only the public API of ``hardening``:
 
 - a page is an ordered list of blocks ``{"id", "type", "content"}`` kept by a
-  :class:`~hardening.DocumentHistory` (head row guarded by the optimistic lock, a patch row per
-  save, snapshots by :class:`~hardening.SnapshotPolicy`, any version rebuildable);
-- a save validates and applies the client's JSON Patch, bumps the version with
-  ``update_versioned``, and enqueues an indexing job **in the same transaction** (deduplicated
-  per page), so a committed save always has its indexing job and a rolled-back one never does;
-- :class:`IndexWorker`, a :class:`~hardening.QueueProcessor`, rebuilds a page's words in a
-  plain ``page_words`` table (SQLite and PostgreSQL alike) that ``search`` reads.
+  :class:`~hardening.BlockHistory`: a row per block, so a save costs the size of the edit, not
+  of the page (head row guarded by the optimistic lock, a patch row per save, snapshots by
+  :class:`~hardening.SnapshotPolicy` written by a queue job, any version rebuildable);
+- a save applies the client's JSON Patch to the blocks it names, checks only the blocks it
+  wrote, and enqueues an indexing job naming the changed blocks **in the same transaction**, so
+  a committed save always has its indexing job and a rolled-back one never does;
+- :class:`IndexWorker`, a :class:`~hardening.QueueProcessor`, re-indexes just those blocks'
+  words in a plain ``block_words`` table (SQLite and PostgreSQL alike) that ``search`` reads,
+  and writes the snapshots saves leave due.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -28,8 +31,9 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from hardening import (
+    BlockHistory,
+    BlockSave,
     ConflictError,
-    DocumentHistory,
     InvalidPatch,
     Job,
     MalformedBody,
@@ -150,13 +154,14 @@ def make_engine(database_url: str) -> sa.Engine:
 
 _SCHEMA_LOCK = 0x7061676573  # "pages": the advisory lock key for schema creation
 metadata = sa.MetaData()
-page_words = sa.Table(
-    "page_words",
+block_words = sa.Table(
+    "block_words",
     metadata,
     sa.Column("page_id", sa.String(255), primary_key=True),
+    sa.Column("block_id", sa.String(64), primary_key=True),
     sa.Column("word", sa.String(40), primary_key=True),
     sa.Column("hits", sa.Integer, nullable=False),
-    sa.Index("page_words_word", "word"),
+    sa.Index("block_words_word", "word"),
 )
 page_index = sa.Table(
     "page_index",
@@ -179,16 +184,56 @@ def check_blocks(blocks: object) -> list[dict[str, Any]]:
         raise MalformedBody(f"at most {MAX_BLOCKS} blocks")
     seen: set[str] = set()
     for index, block in enumerate(blocks):
-        if not isinstance(block, dict) or set(block) != {"id", "type", "content"}:
-            raise MalformedBody(f"block {index} must have exactly id, type and content")
-        if not all(isinstance(block[key], str) for key in ("id", "type", "content")):
-            raise MalformedBody(f"block {index}: id, type and content are strings")
-        if not 1 <= len(block["id"]) <= 64 or len(block["content"]) > MAX_CONTENT:
-            raise MalformedBody(f"block {index}: id of 1-64 chars, content <= {MAX_CONTENT}")
+        problem = block_problem(block)
+        if problem:
+            raise MalformedBody(f"block {index}{problem}")
         if block["id"] in seen:
             raise MalformedBody(f"block {index}: duplicate id {block['id']!r}")
         seen.add(block["id"])
     return blocks
+
+
+def block_problem(block: object) -> str | None:
+    """What is wrong with one block (to follow ``"block <n>"``), or ``None``."""
+    if not isinstance(block, dict) or set(block) != {"id", "type", "content"}:
+        return " must have exactly id, type and content"
+    if not all(isinstance(block[key], str) for key in ("id", "type", "content")):
+        return ": id, type and content are strings"
+    if not 1 <= len(block["id"]) <= 64 or len(block["content"]) > MAX_CONTENT:
+        return f": id of 1-64 chars, content <= {MAX_CONTENT}"
+    return None
+
+
+def window_limit(text: str | None) -> int | None:
+    """``?limit=`` of a page read: ``None`` (the whole page) or 1 to 1,000 blocks.
+
+    Raises:
+        MalformedBody: not a number in that range (400).
+    """
+    if text is None:
+        return None
+    if not text.isascii() or not text.isdigit() or not 1 <= int(text[:5]) <= 1_000:
+        raise MalformedBody("limit must be a number of blocks from 1 to 1000")
+    return int(text)
+
+
+def check_saved_block(block: dict[str, object]) -> None:
+    """BlockHistory's check of each block a save writes: the patched page stays valid."""
+    problem = block_problem(block)
+    if problem:
+        raise PatchApplyError(f"the patched page is invalid: block {block.get('id')!r}{problem}")
+
+
+def page_history(engine: sa.Engine | None, metrics: Metrics | None = None) -> BlockHistory:
+    """The pages' history: a row per block, patch limits for clients, the block check."""
+    return BlockHistory(
+        engine,
+        snapshots=SnapshotPolicy(every=20),
+        conflict="reject",  # a stale If-Match is the client's to rebase (412)
+        limits=PatchLimits(max_operations=1_000, max_bytes=1_000_000, max_array_length=MAX_BLOCKS),
+        metrics=metrics,
+        check_block=check_saved_block,
+    )
 
 
 def words_of(blocks: object) -> Counter[str]:
@@ -203,11 +248,11 @@ def words_of(blocks: object) -> Counter[str]:
 
 @dataclass(frozen=True)
 class Page:
-    """A page as the API returns it."""
+    """A page as the API returns it (a save's answer holds no blocks unless asked for)."""
 
     id: str
     version: int
-    blocks: list[dict[str, Any]]
+    blocks: list[dict[str, Any]] | None
 
     @property
     def etag(self) -> str:
@@ -216,7 +261,10 @@ class Page:
 
     def to_json(self) -> dict[str, object]:
         """The JSON body."""
-        return {"id": self.id, "version": self.version, "blocks": self.blocks}
+        body: dict[str, object] = {"id": self.id, "version": self.version}
+        if self.blocks is not None:
+            body["blocks"] = self.blocks
+        return body
 
 
 class PageStore:
@@ -229,15 +277,7 @@ class PageStore:
 
     def __init__(self, engine: sa.Engine, metrics: Metrics | None = None) -> None:
         self.engine = engine
-        self.history = DocumentHistory(
-            engine,
-            snapshots=SnapshotPolicy(every=20),
-            conflict="reject",  # a stale If-Match is the client's to rebase (412)
-            limits=PatchLimits(
-                max_operations=1_000, max_bytes=1_000_000, max_array_length=MAX_BLOCKS
-            ),
-            metrics=metrics,
-        )
+        self.history = page_history(engine, metrics)
         self.jobs = SQLBackend(engine)
         self.indexer = IndexWorker(self.jobs, engine=engine, metrics=metrics)
 
@@ -265,7 +305,7 @@ class PageStore:
         page_id = uuid.uuid4().hex[:16]
         with Session(self.engine) as session, session.begin():
             self.history.create(page_id, checked, session=session)
-            self._enqueue(page_id, session)
+            self._enqueue(page_id, session, changed=None)
         return Page(page_id, 1, checked)
 
     def get(self, page_id: str, version: int | None = None) -> Page:
@@ -277,28 +317,43 @@ class PageStore:
         loaded = self.history.load(page_id, version)
         return Page(page_id, loaded.version, loaded.content)  # type: ignore[arg-type]
 
-    def patch(self, page_id: str, ops: list[Any], base_version: int) -> Page:
+    def window(self, page_id: str, *, limit: int, after: str | None = None) -> dict[str, object]:
+        """A window of a page's blocks (``GET /pages/{id}?limit=&after=``) and its version.
+
+        Raises:
+            NotFoundError: no such page.
+            MalformedBody: ``after`` is not a cursor of ours (400).
+        """
+        window = self.history.load_blocks(page_id, limit=limit, after=after)
+        return {
+            "id": page_id,
+            "version": window.version,
+            "total": window.total,
+            "blocks": window.blocks,
+            "next_after": window.next_after,
+        }
+
+    def patch(self, page_id: str, ops: list[Any], base_version: int, *, full: bool = False) -> Page:
         """Apply a JSON Patch written against ``base_version``; enqueue indexing; commit.
+
+        Only the blocks the patch names are read, checked and written, so a save costs the
+        size of the edit; the page is read whole only for ``full`` (``Prefer:
+        return=representation``).
 
         Raises:
             NotFoundError: no such page (404).
             PreconditionFailed: ``base_version`` is not the current version (412).
-            PatchError: the patch is invalid or does not apply (422/409/413).
+            PatchError: the patch is invalid, does not apply, or leaves an invalid block
+                (422/409/413).
         """
         with Session(self.engine) as session, session.begin():
             try:
-                version = self.history.save(
-                    page_id, ops, base_version=base_version, session=session
-                )
+                saved = self.history.apply(page_id, ops, base_version=base_version, session=session)
             except ConflictError as exc:
                 raise _stale(base_version, exc.current_version) from exc
-            content = self.history.load(page_id, session=session).content
-            try:  # the patch applied, but must leave a valid page (else all rolls back)
-                blocks = check_blocks(content)
-            except MalformedBody as exc:
-                raise PatchApplyError(f"the patched page is invalid: {exc.reason}") from None
-            self._enqueue(page_id, session)
-        return Page(page_id, version, blocks)
+            self._after_save(page_id, saved, session)
+            loaded = self.history.load(page_id, session=session) if full else None
+        return Page(page_id, saved.version, None if loaded is None else loaded.content)  # type: ignore[arg-type]
 
     def replace(self, page_id: str, blocks: object, base_version: int) -> Page:
         """Save a whole block list (for clients that cannot diff), stored as a patch.
@@ -311,30 +366,29 @@ class PageStore:
             current = self.history.load(page_id, session=session)
             if current.version != base_version:
                 raise _stale(base_version, current.version)
-            ops = diff_blocks(check_blocks(current.content), checked)
+            ops = diff_blocks(check_blocks(current.content), checked, guards=True)
             if not ops:
                 return Page(page_id, current.version, checked)
             try:
-                version = self.history.save(
-                    page_id, ops, base_version=base_version, session=session
-                )
+                saved = self.history.apply(page_id, ops, base_version=base_version, session=session)
             except ConflictError as exc:
                 raise _stale(base_version, exc.current_version) from exc
-            self._enqueue(page_id, session)
-        return Page(page_id, version, checked)
+            self._after_save(page_id, saved, session)
+        return Page(page_id, saved.version, checked)
 
     def search(self, query: str, limit: int = 20) -> list[dict[str, object]]:
         """Pages containing every word of ``query``, most hits first."""
         words = sorted({word.lower() for word in _WORD.findall(query)})[:10]
         if not words:
             return []
-        hits = sa.func.sum(page_words.c.hits).label("hits")
+        w = block_words.c
+        hits = sa.func.sum(w.hits).label("hits")
         statement = (
-            sa.select(page_words.c.page_id, hits)
-            .where(page_words.c.word.in_(words))
-            .group_by(page_words.c.page_id)
-            .having(sa.func.count() == len(words))
-            .order_by(hits.desc(), page_words.c.page_id)
+            sa.select(w.page_id, hits)
+            .where(w.word.in_(words))
+            .group_by(w.page_id)
+            .having(sa.func.count(sa.distinct(w.word)) == len(words))
+            .order_by(hits.desc(), w.page_id)
             .limit(limit)
         )
         with self.engine.connect() as connection:
@@ -348,8 +402,26 @@ class PageStore:
                 sa.select(page_index.c.version).where(page_index.c.page_id == page_id)
             ).scalar_one_or_none()
 
-    def _enqueue(self, page_id: str, session: Session) -> None:
-        self.indexer.enqueue({"page_id": page_id}, dedupe_key=f"index:{page_id}", session=session)
+    def _after_save(self, page_id: str, saved: BlockSave, session: Session) -> None:
+        """Queue a save's follow-up work in its transaction: re-index the blocks it changed
+        (none for a move), and write the snapshot it left due."""
+        touched = sorted(saved.changed | saved.removed)
+        if touched:
+            self._enqueue(page_id, session, changed=touched)
+        if saved.snapshot_due:
+            self.indexer.enqueue(
+                {"page_id": page_id, "action": "snapshot"},
+                dedupe_key=f"snapshot:{page_id}",
+                session=session,
+            )
+
+    def _enqueue(self, page_id: str, session: Session, *, changed: list[str] | None) -> None:
+        """An indexing job: the blocks to re-index (``None``: every block of the page)."""
+        if changed is None:
+            payload: dict[str, object] = {"page_id": page_id, "action": "reindex"}
+        else:
+            payload = {"page_id": page_id, "action": "index", "block_ids": changed}
+        self.indexer.enqueue(payload, session=session)
 
     def close(self) -> None:
         """Close the queue's connections (the engine is the caller's)."""
@@ -396,37 +468,62 @@ class IndexWorker(QueueProcessor):
             engine = make_engine(database_url) if engine is None else engine
         super().__init__(backend, **options)
         self.engine = engine
-        self.history = DocumentHistory(self.engine)
+        self.history = page_history(self.engine)
 
     def process(self, job: Job) -> None:
-        """Index the head version of the page named in the job."""
-        page_id = job.payload["page_id"]  # type: ignore[index,call-overload]
-        if not isinstance(page_id, str):
+        """Re-index the blocks a save changed (or every block of a new page), or write the
+        snapshot a save left due."""
+        payload = job.payload
+        if not isinstance(payload, dict) or not isinstance(payload.get("page_id"), str):
             raise InvalidPatch("an index job names a page id")
+        page_id = str(payload["page_id"])
+        action = payload.get("action", "reindex")
+        if action == "snapshot":
+            with contextlib.suppress(NotFoundError):  # deleted since
+                self.history.snapshot(page_id)
+            return
+        listed = payload.get("block_ids") if action == "index" else None
+        if listed is not None and (
+            not isinstance(listed, list) or not all(isinstance(b, str) for b in listed)
+        ):
+            raise InvalidPatch("block_ids is a list of block ids")
+        block_ids = None if listed is None else [str(b) for b in listed]
         with Session(self.engine) as session, session.begin():
+            # the page's index row first: its lock orders the workers indexing one page, so
+            # the later one reads (and writes) the later blocks
+            insert = _dialect_insert(self.engine)(page_index).values(page_id=page_id, version=0)
+            session.execute(
+                insert.on_conflict_do_update(
+                    index_elements=[page_index.c.page_id],
+                    set_={"version": page_index.c.version},
+                )
+            )
             try:
-                head = self.history.load(page_id, session=session)
+                if block_ids is None:
+                    head = self.history.load(page_id, session=session)
+                    version = head.version
+                    found = {b["id"]: b for b in cast(list[dict[str, Any]], head.content)}
+                else:
+                    version, found = self.history.find_blocks(page_id, block_ids, session=session)
             except NotFoundError:
                 return  # deleted since: nothing to index
-            # claim the newer version first: a slower worker holding an older head must not
-            # overwrite a newer index (the upsert's row lock also orders concurrent workers)
-            insert = _dialect_insert(self.engine)(page_index).values(
-                page_id=page_id, version=head.version
+            w = block_words.c
+            stale = sa.delete(block_words).where(w.page_id == page_id)
+            if block_ids is not None:
+                stale = stale.where(w.block_id.in_(block_ids))
+            session.execute(stale)
+            rows = [
+                {"page_id": page_id, "block_id": block_id, "word": word, "hits": hits}
+                for block_id, block in found.items()
+                for word, hits in words_of([block]).items()
+            ]
+            if rows:
+                session.execute(sa.insert(block_words), rows)
+            session.execute(
+                sa.update(page_index)
+                .where(page_index.c.page_id == page_id, page_index.c.version < version)
+                .values(version=version)
             )
-            claim = insert.on_conflict_do_update(
-                index_elements=[page_index.c.page_id],
-                set_={"version": insert.excluded.version},
-                where=page_index.c.version < insert.excluded.version,
-            )
-            if cast(sa.CursorResult[Any], session.execute(claim)).rowcount == 0:
-                return  # this version, or a newer one, is indexed already
-            words = words_of(head.content)
-            session.execute(sa.delete(page_words).where(page_words.c.page_id == page_id))
-            if words:
-                session.execute(
-                    sa.insert(page_words),
-                    [{"page_id": page_id, "word": w, "hits": n} for w, n in words.items()],
-                )
 
 
 def _dialect_insert(engine: sa.Engine) -> Any:

@@ -8,6 +8,7 @@ import json
 import math
 import uuid
 from decimal import Decimal
+from zoneinfo import ZoneInfo
 
 import pytest
 from hypothesis import given
@@ -40,6 +41,23 @@ def test_every_value_comes_back_exactly(key: list[object]) -> None:
     decoded = codec.decode(codec.encode("order", key), "order", len(key))
     assert decoded == key
     assert [type(v) for v in decoded] == [type(v) for v in key]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        dt.datetime(2012, 3, 30, 2, 0, tzinfo=ZoneInfo("Israel")),  # in a DST gap
+        dt.datetime(2021, 11, 7, 1, 30, tzinfo=ZoneInfo("America/New_York"), fold=1),  # fold
+        dt.datetime(2021, 11, 7, 1, 30, tzinfo=ZoneInfo("America/New_York")),
+    ],
+)
+def test_named_zones_keep_their_zone_and_fold(value: dt.datetime) -> None:
+    """A datetime in a named zone comes back in that zone with its fold: an offset would not
+    compare equal in a DST gap or fold (found by the property above)."""
+    codec = CursorCodec(SECRET)
+    (decoded,) = codec.decode(codec.encode("order", [value]), "order", 1)
+    assert decoded == value
+    assert (decoded.tzinfo, decoded.fold) == (value.tzinfo, value.fold)
 
 
 def test_cursors_are_url_safe_and_unpadded() -> None:

@@ -1,12 +1,14 @@
-"""``examples/loadtest.py`` against the real pages service (uvicorn subprocess, SQLite file).
+"""``examples/loadtest/`` against the real pages service (uvicorn subprocess, SQLite file).
 
 Small runs: users race on a hot page, so saves meet 412s, rebase and land; afterwards every
 acknowledged marker is on its page, versions count the acknowledged saves, and search finds
-each page's newest marker. With a tiny save limit, 429s are counted and waited out.
+each page's newest marker. With a tiny save limit, 429s are counted and waited out. With two
+generator processes, the main process merges what each one acknowledged and verifies it all.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -21,15 +23,21 @@ from pathlib import Path
 import httpx
 import pytest
 from examples.loadtest import (
+    GeneratorStats,
     Options,
     Results,
+    amain,
+    generator_warnings,
     histogram_quantile,
     make_edit,
     make_page,
+    parse_args,
     queue_depth,
     run,
     server_latency,
     sparkline,
+    split_users,
+    warning_line,
 )
 
 from hardening import Metrics
@@ -130,6 +138,110 @@ async def test_concurrent_editors_lose_nothing(serve: Serve) -> None:
     # one server process: its own histogram saw exactly the PATCHes the users sent
     patches = sum(results.statuses["PATCH page"].values())
     assert results.server_latency_ms["PATCH /pages/{page_id}"]["n"] == patches
+    # 8 users: one generator, the main process itself
+    [generator] = results.generators
+    assert (generator.process, generator.first_user, generator.users) == (0, 0, 8)
+    assert generator.acknowledged == results.acknowledged
+    assert generator.requests == results.requests
+
+
+@pytest.mark.anyio
+async def test_two_generator_processes_merge_and_verify(
+    serve: Serve, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--processes 2``: each child runs its own users; the main process merges and verifies."""
+    base = serve()
+    out = tmp_path / "results.json"
+    argv = [
+        "--url", base, "--users", "6", "--pages", "3", "--blocks", "20",
+        "--edits-per-user", "5", "--think", "0", "--shared", "0.5", "--hot-pages", "1",
+        "--seed", "5", "--admin-token", ADMIN, "--search-timeout", "20", "--no-progress",
+        "--processes", "2", "--json", str(out),
+    ]  # fmt: skip
+    status = await amain(argv)  # fixed work: 30 edits
+    printed = capsys.readouterr().out
+    data = json.loads(out.read_text())
+
+    assert status == 0, printed
+    assert data["verification"]["ok"], printed
+    assert "RESULT: PASS" in printed
+    # exactly two generator processes, each with its CPU and event-loop lag
+    generators = data["generators"]
+    assert data["processes"] == 2
+    assert "6 users (2 generator processes)" in printed
+    assert [g["process"] for g in generators] == [0, 1]
+    for g in generators:
+        assert g["cpu_percent"] >= 0.0
+        assert g["cpu_seconds"] >= 0.0
+        assert set(g["loop_lag_ms"]) == {"p50", "p99", "max"}
+        assert f"  process {g['process']} " in printed
+    assert set(data["loop_lag_ms"]) == {"p50", "p99", "max"}
+    assert isinstance(data["generator_warnings"], list)
+    # the users were split into disjoint ranges of global user numbers
+    ranges = [range(g["first_user"], g["first_user"] + g["users"]) for g in generators]
+    assert ranges == [range(3), range(3, 6)]
+    # every edit ended exactly once, in the process that ran its user
+    ended = {k: v for k, v in data["outcomes"].items() if "after a 412" not in k}
+    assert sum(ended.values()) == 6 * 5, data["outcomes"]
+    # the merged acknowledged saves are the children's, summed
+    acks = data["acks"]
+    assert data["acknowledged"] == len(acks) > 0
+    assert sum(g["acknowledged"] for g in generators) == data["acknowledged"]
+    assert sum(g["requests"] for g in generators) == data["requests"]
+    per_process = Counter(ack["process"] for ack in acks)
+    assert [per_process[g["process"]] for g in generators] == [
+        g["acknowledged"] for g in generators
+    ]
+    for ack in acks:
+        assert ack["user"] in ranges[ack["process"]], ack
+    # markers (which carry the user's number) are unique across processes
+    markers = [ack["marker"] for ack in acks if ack["marker"] is not None]
+    assert len(markers) == len(set(markers))
+    assert data["verification"]["markers_checked"] == len(markers)
+    assert data["latency_ms"]["save (as the user waited)"]["n"] == data["acknowledged"]
+
+
+def _stats(process: int, cpu: float, lag_p99: float | None) -> GeneratorStats:
+    return GeneratorStats(
+        process=process, first_user=10 * process, users=10, requests=100, acknowledged=20,
+        load_seconds=10.0, cpu_seconds=cpu / 10.0, cpu_percent=cpu,
+        loop_lag_ms={"p50": 0.1, "p99": lag_p99, "max": lag_p99},
+        save_ms={"n": 20, "p50": 5.0, "p95": 9.0, "p99": 9.0, "max": 9.0},
+    )  # fmt: skip
+
+
+def test_generator_warning_rule() -> None:
+    """Warn when a generator process used more than half a core or lagged past 20 ms (p99)."""
+    assert generator_warnings([_stats(0, 50.0, 20.0), _stats(1, 3.0, None)]) == []
+    assert warning_line([]) is None
+    reasons = generator_warnings(
+        [_stats(0, 50.1, 1.0), _stats(1, 10.0, 20.5), _stats(2, 80.0, 35.0), _stats(3, 0, 0)]
+    )
+    assert reasons == [
+        "generator process 0 used 50.1% of a core",
+        "generator process 1 event-loop lag p99 20.5 ms",
+        "generator process 2 used 80.0% of a core and event-loop lag p99 35.0 ms",
+    ]
+    line = warning_line(reasons)
+    assert line is not None
+    assert line.startswith("WARNING: generator process 0 used 50.1% of a core; ")
+    assert line.endswith("the generator may have inflated these latencies; use more --processes")
+    assert generator_warnings([_stats(0, 30.0, 5.0)], max_cpu=25.0, max_lag_p99=4.0) == [
+        "generator process 0 used 30.0% of a core and event-loop lag p99 5.0 ms"
+    ]
+
+
+def test_users_spread_over_processes() -> None:
+    """Contiguous, disjoint user ranges; by default at most 100 users a process, 1 when few."""
+    assert split_users(7, 3) == [range(3), range(3, 5), range(5, 7)]
+    assert split_users(4, 4) == [range(i, i + 1) for i in range(4)]
+    cpus = os.cpu_count() or 1
+    assert Options(users=40).generator_processes == 1
+    assert Options(users=100).generator_processes == 1
+    assert Options(users=500).generator_processes == min(5, cpus)
+    assert Options(users=3, processes=8).generator_processes == 3  # never more than the users
+    assert parse_args(["--users", "40", "--processes", "2"]).generator_processes == 2
+    assert parse_args([]).processes is None
 
 
 @pytest.mark.anyio

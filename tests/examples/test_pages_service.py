@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import re
 import signal
@@ -136,10 +137,11 @@ async def test_save_conflict_rebase_index_search_metrics(
         assert final["blocks"][1]["content"] == "Ship the zeppelin draft"
         assert final["blocks"][2]["content"] == "Collect feedback by Friday"  # bob's kept
 
-        # the saves queued indexing jobs in their transactions (deduplicated per page)
+        # the creation and each save queued an indexing job in their transactions (the
+        # refused 412 did not): the page's words, then each save's changed blocks
         store: PageStore = app_store(app)
-        assert store.indexer.stats().waiting == 1
-        assert store.indexer.run_until_empty() == 1
+        assert store.indexer.stats().waiting == 3
+        assert store.indexer.run_until_empty() == 3
         found = (await http.get("/search", params={"q": "zeppelin"})).json()["results"]
         assert [hit["id"] for hit in found] == [page.id]
         assert store.indexed_version(page.id) == 3
@@ -153,7 +155,7 @@ async def test_save_conflict_rebase_index_search_metrics(
     assert requests(metrics, "PATCH", route, 200) == 2
     assert requests(metrics, "PATCH", route, 412) == 2  # ours, and the client's first try
     assert requests(metrics, "POST", "/pages", 201) == 1
-    assert sample(metrics, "hardening_jobs_total", queue="index", outcome="completed") == 1
+    assert sample(metrics, "hardening_jobs_total", queue="index", outcome="completed") == 3
     assert sample(metrics, "hardening_patch_operations_count") == 2
     assert (
         sample(metrics, "hardening_rate_limit_decisions_total", limiter="saves", outcome="allowed")
@@ -231,7 +233,7 @@ async def test_put_is_stored_as_a_patch(sqlite_engine: sa.Engine) -> None:
         assert (await http.get(f"/pages/{page.id}/versions/1")).json()["blocks"] == BLOCKS
     with sqlite_engine.connect() as connection:
         patch = connection.execute(
-            sa.text("SELECT patch FROM hardening_document_patches WHERE version = 2")
+            sa.text("SELECT patch FROM hardening_block_patches WHERE version = 2")
         ).scalar_one()
     assert len(str(patch)) < 200  # a move and a replace, not the page
 
@@ -426,3 +428,55 @@ def test_engine_for_sqlite_uses_wal(tmp_path: Path) -> None:
             assert connection.execute(sa.text("PRAGMA journal_mode")).scalar() == "wal"
     finally:
         engine.dispose()
+
+
+@pytest.mark.anyio
+async def test_windows_incremental_index_and_snapshot_jobs(
+    backends: tuple[sa.Engine, Settings],
+) -> None:
+    """A page reads a window at a time; a save's job re-indexes only the blocks it changed;
+    a save that leaves a snapshot due queues the job that writes it."""
+    engine, settings = backends
+    settings = dataclasses.replace(settings, save_limit="1000/minute")  # 22 saves here
+    app = create_app(settings, engine=engine, metrics=Metrics())
+    transport = httpx.ASGITransport(app=app)
+    blocks = [{"id": f"b{i}", "type": "paragraph", "content": f"word{i} common"} for i in range(25)]
+    async with lifespan(app), httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        client = PagesClient(http, user="ana")
+        page = await client.create(blocks)
+        store: PageStore = app_store(app)
+        store.indexer.run_until_empty()
+
+        seen, after = [], None
+        while True:
+            params = {"limit": "10", **({"after": after} if after else {})}
+            window = (await http.get(f"/pages/{page.id}", params=params)).json()
+            assert (window["version"], window["total"]) == (1, 25)
+            seen += [block["id"] for block in window["blocks"]]
+            after = window["next_after"]
+            if after is None:
+                break
+        assert seen == [block["id"] for block in blocks]
+        for bad in ({"limit": "0"}, {"limit": "x"}, {"limit": "5", "after": "0"}):
+            answer = await http.get(f"/pages/{page.id}", params=bad)
+            assert answer.status_code == 400, bad
+
+        edited = [*blocks[:3], {**blocks[3], "content": "zeppelin"}, *blocks[4:]]
+        local = await client.save(page, edited)
+        (job,) = store.jobs.claim("index", worker="test", limit=5, lease=30)
+        assert job.payload == {"page_id": page.id, "action": "index", "block_ids": ["b3"]}
+        store.jobs.release(job)
+        store.indexer.run_until_empty()
+        hits = (await http.get("/search", params={"q": "zeppelin"})).json()["results"]
+        assert hits == [{"id": page.id, "hits": 1}]
+        assert (await http.get("/search", params={"q": "word3"})).json()["results"] == []
+        common = (await http.get("/search", params={"q": "common"})).json()["results"]
+        assert common == [{"id": page.id, "hits": 24}]  # the other blocks' words untouched
+
+        for step in range(20):  # the 20th save since the snapshot leaves one due
+            edited = [{**edited[0], "content": f"step{step}"}, *edited[1:]]
+            local = await client.save(local, edited)
+        assert store.indexer.run_until_empty() == 21  # 20 index jobs and one snapshot job
+        assert store.history.snapshot(page.id) is None  # written by the job: none due now
+        rebuilt = (await http.get(f"/pages/{page.id}/versions/{local.version - 1}")).json()
+        assert rebuilt["blocks"][0]["content"] == "step18"

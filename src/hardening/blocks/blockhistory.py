@@ -675,8 +675,10 @@ class BlockHistory(_HistoryBase):
         raw = conn.connection.dbapi_connection
         if conn.dialect.name == "sqlite" and not getattr(raw, "in_transaction", True):
             # pysqlite opens its transaction lazily, at the first write: a SAVEPOINT before
-            # it would be the outermost, and its RELEASE would commit the caller's work
-            conn.exec_driver_sql("BEGIN")
+            # it would be the outermost, and its RELEASE would commit the caller's work. Take
+            # the write lock now (waiting for it): a save reads, then writes, and a deferred
+            # transaction whose snapshot went stale could only fail ("database is locked")
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
         with db.begin_nested():
             yield db
 

@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING
+from zoneinfo import ZoneInfo
 
 from hardening._clock import SystemClock, to_seconds
 from hardening.errors import ConfigurationError, InvalidCursor
@@ -55,6 +56,11 @@ def _encode_value(value: object) -> object:
     if isinstance(value, float):
         return value if math.isfinite(value) else {"f": repr(value)}
     if isinstance(value, dt.datetime):  # before date: a datetime is a date
+        zone = value.tzinfo
+        if isinstance(zone, ZoneInfo) and zone.key:
+            # a named zone, kept by name (and the fold): a fixed offset would not compare
+            # equal to a time in a DST gap or fold of that zone
+            return {"dz": [value.replace(tzinfo=None, fold=0).isoformat(), zone.key, value.fold]}
         return {"dt": value.isoformat()}
     if isinstance(value, dt.date):
         return {"d": value.isoformat()}
@@ -85,6 +91,11 @@ def _decode_value(value: object) -> object:
     if tag == "td":
         days, seconds, micros = text
         return dt.timedelta(days=days, seconds=seconds, microseconds=micros)
+    if tag == "dz":
+        local, key, fold = text
+        if not isinstance(local, str) or not isinstance(key, str) or fold not in (0, 1):
+            raise ValueError("a zoned datetime is [local time, zone, fold]")
+        return dt.datetime.fromisoformat(local).replace(tzinfo=ZoneInfo(key), fold=fold)
     if not isinstance(text, str):
         raise ValueError("tagged values are strings")
     if tag == "f":
