@@ -64,7 +64,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("pages_service")
 
-MAX_BODY = 2 * 1024 * 1024
+MAX_BODY = 8 * 1024 * 1024  # a new 10,000-block page is 1-3 MB of JSON
 EXTENSION = "pages"  # the key of the PagesService in ``app.extensions``
 
 

@@ -52,7 +52,7 @@ from hardening.adapters.asgi import (
 
 logger = logging.getLogger("pages_service")
 
-MAX_BODY = 2 * 1024 * 1024
+MAX_BODY = 8 * 1024 * 1024  # a new 10,000-block page is 1-3 MB of JSON
 
 
 def _page_response(page: Page, status: int = 200, **headers: str) -> JSONResponse:

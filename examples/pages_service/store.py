@@ -53,7 +53,7 @@ logger = logging.getLogger("pages_service")
 
 WorkerMode = Literal["inprocess", "external", "off"]
 QUEUE = "index"
-MAX_BLOCKS = 5_000
+MAX_BLOCKS = 20_000  # the seeds ask for pages of 10,000+ blocks
 MAX_CONTENT = 20_000
 _WORD = re.compile(r"\w{2,40}", re.UNICODE)
 

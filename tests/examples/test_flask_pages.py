@@ -290,7 +290,7 @@ def test_http_errors_are_problem_json(pages: Pages) -> None:
     assert pages.http.post("/pages", json={"nope": []}).status_code == 400
     assert pages.http.post("/pages", json={"blocks": [{"id": "x"}]}).status_code == 400
     huge = pages.http.post(
-        "/pages", content=b"x" * (3 * 1024 * 1024), headers={"Content-Type": "application/json"}
+        "/pages", content=b"x" * (9 * 1024 * 1024), headers={"Content-Type": "application/json"}
     )
     assert huge.status_code == 413
 

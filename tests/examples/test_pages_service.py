@@ -205,7 +205,7 @@ async def test_http_errors_are_problem_json(sqlite_engine: sa.Engine) -> None:
         )
         assert breaks_shape.status_code == 422
         assert (await http.get("/pages/nope")).status_code == 404
-        huge = await http.post("/pages", content=b"x" * (3 * 1024 * 1024))
+        huge = await http.post("/pages", content=b"x" * (9 * 1024 * 1024))
         assert huge.status_code == 413
         cached = await http.get(url, headers={"if-none-match": '"v1"'})
         assert cached.status_code == 304
