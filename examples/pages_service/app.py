@@ -95,10 +95,11 @@ def build_routes(store: PageStore) -> list[Route]:
             version = window["version"]
             assert isinstance(version, int)
             return JSONResponse(window, headers={"ETag": etag_for(version)})
-        page = await run_in_threadpool(store.get, request.path_params["page_id"])
-        if request.headers.get("if-none-match") == page.etag:
-            return Response(status_code=304, headers={"ETag": page.etag})
-        return _page_response(page)
+        head, body = await run_in_threadpool(store.get_json, request.path_params["page_id"])
+        etag = etag_for(head)
+        if request.headers.get("if-none-match") == etag:
+            return Response(status_code=304, headers={"ETag": etag})
+        return Response(body, media_type="application/json", headers={"ETag": etag})
 
     async def patch_page(request: Request) -> Response:
         base = if_match_version(request.headers.get("if-match"), required=True)

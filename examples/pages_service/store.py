@@ -18,6 +18,7 @@ over :class:`PageStore`, which uses only the public API of ``hardening``:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -316,6 +317,15 @@ class PageStore:
         """
         loaded = self.history.load(page_id, version)
         return Page(page_id, loaded.version, loaded.content)  # type: ignore[arg-type]
+
+    def get_json(self, page_id: str) -> tuple[int, str]:
+        """The head's version and its JSON body, built from the stored blocks as they are.
+
+        Raises:
+            NotFoundError: no such page.
+        """
+        version, blocks = self.history.load_json(page_id)
+        return version, f'{{"id":{json.dumps(page_id)},"version":{version},"blocks":{blocks}}}'
 
     def window(self, page_id: str, *, limit: int, after: str | None = None) -> dict[str, object]:
         """A window of a page's blocks (``GET /pages/{id}?limit=&after=``) and its version.

@@ -442,3 +442,20 @@ def test_find_blocks_reads_only_the_named_blocks(engine: sa.Engine, history: Blo
     assert sorted(found) == ["b3", "b999"]
     assert found["b3"] == {"id": "b3", "type": "p", "content": "text 3"}
     assert len(statements.seen) == 1
+
+
+@pytest.mark.parametrize("meta", [None, {}, {"title": "T", "n": [1, {"x": None}]}])
+def test_load_json_is_the_page_as_stored(engine: sa.Engine, meta: dict[str, object] | None) -> None:
+    """``load_json`` gives the head's version and text that parses to what ``load`` gives,
+    for an array page and for a page under "blocks" beside other members."""
+    history = BlockHistory(engine)
+    blocks = [{"id": "a", "t": "é😀"}, {"id": "b", "t": 'NUL \x00, quote ", bracket ]'}]
+    history.create("p", blocks if meta is None else {**meta, "blocks": blocks})
+    where = "" if meta is None else "/blocks"
+    move = {"op": "move", "from": f"{where}/1", "path": f"{where}/0"}
+    history.save("p", [move], base_version=1)
+    version, text = history.load_json("p")
+    assert version == 2
+    assert json.loads(text) == history.load("p").content
+    history.create("empty", [] if meta is None else {**meta, "blocks": []})
+    assert json.loads(history.load_json("empty")[1]) == history.load("empty").content
