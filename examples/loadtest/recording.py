@@ -28,6 +28,8 @@ class Ack:
 def request_kind(request: httpx.Request) -> str:
     """``PATCH page``, ``GET page``, ``POST pages``, ``GET search``... for the tables."""
     path = request.url.path
+    if path.startswith("/pages/") and path.endswith("/patches"):
+        return f"{request.method} patches"
     if path.startswith("/pages/"):
         return f"{request.method} page"
     if path == "/pages":

@@ -268,7 +268,8 @@ def report(results: Results, out: TextIO) -> None:
     write("edits      " + ", ".join(f"{k}: {n}" for k, n in sorted(results.edit_kinds.items())))
     c = results.client
     write(
-        f"client     412 rebases: {c.get('retries_412', 0)}, 429 waits: {c.get('waits_429', 0)} "
+        f"client     412 rebases: {c.get('retries_412', 0)} ({c.get('caught_up', 0)} from the "
+        f"saves since, not the whole page), 429 waits: {c.get('waits_429', 0)} "
         f"(honoured {results.honoured_429}, early {results.early_429}), "
         f"conflicts: {c.get('conflicts', 0)}"
     )

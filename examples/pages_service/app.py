@@ -125,6 +125,17 @@ def build_routes(store: PageStore) -> list[Route]:
         page = await run_in_threadpool(store.replace, page_id, blocks, base)
         return _saved_response(request, page)
 
+    async def get_patches(request: Request) -> Response:
+        since = request.query_params.get("since", "")
+        if not since.isascii() or not since.isdigit() or len(since) > 12:
+            raise MalformedBody("since must be a version number")
+        changes = await run_in_threadpool(
+            store.patches_since, request.path_params["page_id"], int(since)
+        )
+        version = changes["version"]
+        assert isinstance(version, int)
+        return JSONResponse(changes, headers={"ETag": etag_for(version)})
+
     async def get_version(request: Request) -> Response:
         page_id, number = request.path_params["page_id"], request.path_params["number"]
         page = await run_in_threadpool(store.get, page_id, number)
@@ -141,6 +152,7 @@ def build_routes(store: PageStore) -> list[Route]:
         Route("/pages/{page_id}", patch_page, methods=["PATCH"]),
         Route("/pages/{page_id}", put_page, methods=["PUT"]),
         Route("/pages/{page_id}/versions/{number:int}", get_version, methods=["GET"]),
+        Route("/pages/{page_id}/patches", get_patches, methods=["GET"]),
         Route("/search", search, methods=["GET"]),
     ]
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import httpx
 
-from hardening import PatchConflict, apply_patch, diff_blocks, etag_for, rebase
+from hardening import PatchConflict, PatchError, apply_patch, diff_blocks, etag_for, rebase
 
 Blocks = list[dict[str, Any]]
 PATCH_TYPE = "application/json-patch+json"
@@ -71,6 +71,7 @@ class SaveStats:
 
     saves: int = 0
     retries_412: int = 0
+    caught_up: int = 0  # 412s answered by the saves since, not the whole page
     waits_429: int = 0
     conflicts: int = 0
     patch_bytes: int = 0
@@ -127,6 +128,31 @@ class PagesClient:
         body = response.json()
         return LocalPage(body["id"], body["version"], body["blocks"])
 
+    async def catch_up(self, page: LocalPage) -> tuple[LocalPage, list[list[Any]]]:
+        """The server's head and the patches from ``page`` to it.
+
+        Asks for the saves since ``page.version`` and applies them to a copy of the local
+        blocks: a request the size of the edits, not of the page. When the server no longer
+        has them all (404/410) or they do not apply, fetches the whole page and diffs.
+        """
+        response = await self.http.get(
+            f"/pages/{page.id}/patches", params={"since": page.version}, headers=self.headers
+        )
+        self.stats.count(response.status_code)
+        if response.status_code == 200:
+            body = response.json()
+            blocks = copy.deepcopy(page.blocks)
+            try:
+                for patch in body["patches"]:
+                    blocks = apply_patch(blocks, patch, limits=None, in_place=True)
+            except PatchError:
+                pass  # not what the server has: fetch the page below
+            else:
+                self.stats.caught_up += 1
+                return LocalPage(page.id, body["version"], blocks), body["patches"]
+        theirs = await self.open(page.id)
+        return theirs, [diff_blocks(page.blocks, theirs.blocks)]
+
     async def save(self, page: LocalPage, edited: Blocks) -> LocalPage:
         """Save ``edited`` (the user's version of ``page.blocks``) as a patch.
 
@@ -151,9 +177,9 @@ class PagesClient:
                 return LocalPage(page.id, response.json()["version"], copy.deepcopy(current))
             if response.status_code == 412:  # someone saved first: rebase onto theirs
                 self.stats.retries_412 += 1
-                theirs = await self.open(page.id)
+                theirs, head_patches = await self.catch_up(LocalPage(page.id, version, base))
                 try:
-                    ops = rebase(ops, base=base, head_patches=[diff_blocks(base, theirs.blocks)])
+                    ops = rebase(ops, base=base, head_patches=head_patches)
                 except PatchConflict:
                     self.stats.conflicts += 1
                     raise

@@ -318,6 +318,15 @@ class PageStore:
         loaded = self.history.load(page_id, version)
         return Page(page_id, loaded.version, loaded.content)  # type: ignore[arg-type]
 
+    def patches_since(self, page_id: str, version: int) -> dict[str, object]:
+        """The saves since ``version`` (``GET /pages/{id}/patches?since=``), at most 100.
+
+        Raises:
+            NotFoundError: no such page, or not all of them are kept (the client reloads).
+        """
+        patches = self.history.patches_since(page_id, version)
+        return {"id": page_id, "version": version + len(patches), "patches": patches}
+
     def get_json(self, page_id: str) -> tuple[int, str]:
         """The head's version and its JSON body, built from the stored blocks as they are.
 

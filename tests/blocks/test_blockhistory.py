@@ -21,6 +21,7 @@ from hardening import (
     DocumentHistory,
     InvalidPatch,
     MalformedBody,
+    NotFoundError,
     PatchApplyError,
     PatchError,
     PatchLimitExceeded,
@@ -459,3 +460,22 @@ def test_load_json_is_the_page_as_stored(engine: sa.Engine, meta: dict[str, obje
     assert json.loads(text) == history.load("p").content
     history.create("empty", [] if meta is None else {**meta, "blocks": []})
     assert json.loads(history.load_json("empty")[1]) == history.load("empty").content
+
+
+def test_patches_since_give_the_saves_or_nothing(history: BlockHistory) -> None:
+    """The patches since a version, in order; none past the head, none once compacted or
+    when more than ``limit`` saves happened: the caller reloads the page."""
+    history.create("p", _page(3))
+    patches = [[{"op": "replace", "path": f"/{i}/content", "value": str(i)}] for i in range(3)]
+    for version, patch in enumerate(patches, start=1):
+        history.save("p", patch, base_version=version)
+    assert history.patches_since("p", 1) == patches
+    assert history.patches_since("p", 3) == patches[2:]
+    assert history.patches_since("p", 4) == []
+    for version, options in ((5, {}), (0, {}), (1, {"limit": 2})):
+        with pytest.raises(NotFoundError):
+            history.patches_since("p", version, **options)  # type: ignore[arg-type]
+    history.compact("p", keep=2)
+    with pytest.raises(NotFoundError):
+        history.patches_since("p", 2)
+    assert history.patches_since("p", 3) == patches[2:]

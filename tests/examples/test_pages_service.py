@@ -133,6 +133,7 @@ async def test_save_conflict_rebase_index_search_metrics(
         saved = await ana.save(page, ana_edit)
         assert saved.version == 3
         assert ana.stats.retries_412 == 1
+        assert ana.stats.caught_up == 1  # bob's patch since v1, not the whole page
         final = (await http.get(f"/pages/{page.id}")).json()
         assert final["blocks"][1]["content"] == "Ship the zeppelin draft"
         assert final["blocks"][2]["content"] == "Collect feedback by Friday"  # bob's kept
@@ -345,6 +346,7 @@ async def flow_over_http(base: str) -> None:
         saved = await ana.save(page, [{**BLOCKS[0], "content": "Release quokka"}, *BLOCKS[1:]])
         assert saved.version == 3
         assert ana.stats.retries_412 == 1
+        assert ana.stats.caught_up == 1  # bob's patch since v1, not the whole page
         for _ in range(100):  # the in-process worker indexes within moments
             results = (await http.get("/search", params={"q": "quokka"})).json()["results"]
             if results:
@@ -480,3 +482,30 @@ async def test_windows_incremental_index_and_snapshot_jobs(
         assert store.history.snapshot(page.id) is None  # written by the job: none due now
         rebuilt = (await http.get(f"/pages/{page.id}/versions/{local.version - 1}")).json()
         assert rebuilt["blocks"][0]["content"] == "step18"
+
+
+@pytest.mark.anyio
+async def test_patches_since_a_version(sqlite_engine: sa.Engine) -> None:
+    """``GET /pages/{id}/patches?since=n`` gives the saves since n; what the server cannot
+    give (past the head, a bad number) is a 404 or 400, and the client then reloads."""
+    app = create_app(Settings(worker="off"), engine=sqlite_engine, metrics=Metrics())
+    transport = httpx.ASGITransport(app=app)
+    async with lifespan(app), httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        client = PagesClient(http)
+        page = await client.create(BLOCKS)
+        edited = [{**BLOCKS[0], "content": "one"}, *BLOCKS[1:]]
+        second = await client.save(page, edited)
+        third = await client.save(second, [*edited, {**BLOCKS[0], "id": "x"}])
+        answer = await http.get(f"/pages/{page.id}/patches", params={"since": "1"})
+        assert answer.status_code == 200
+        body = answer.json()
+        assert (body["version"], len(body["patches"]), answer.headers["etag"]) == (3, 2, '"v3"')
+        caught_up, patches = await client.catch_up(page)
+        assert (caught_up.version, caught_up.blocks, patches) == (3, third.blocks, body["patches"])
+        since_head = await http.get(f"/pages/{page.id}/patches", params={"since": "3"})
+        assert since_head.json()["patches"] == []
+        for since, status in (("4", 404), ("-1", 400), ("x", 400), ("", 400)):
+            got = await http.get(f"/pages/{page.id}/patches", params={"since": since})
+            assert got.status_code == status, since
+        stale = await client.catch_up(dataclasses.replace(page, version=9))  # not on the server
+        assert (stale[0].version, stale[0].blocks) == (3, third.blocks)  # reloaded whole

@@ -429,6 +429,41 @@ class BlockHistory(_HistoryBase):
             return DocumentVersion(doc_id, window.version, content)
 
     @sql_unavailable
+    def patches_since(
+        self, doc_id: str, version: int, *, limit: int = 100, session: Executor | None = None
+    ) -> list[list[dict[str, object]]]:
+        """The stored patches that took the page from ``version`` to its head, in order.
+
+        A client holding version ``version`` applies them to its copy instead of fetching the
+        whole page (its cost follows the edits, not the page): after a 412, say. The head is
+        ``version + len(patches)``.
+
+        Raises:
+            NotFoundError: no such page; or the patches cannot all be given (``version`` is
+                past the head or compacted away, or more than ``limit`` saves happened since):
+                fetch the page instead.
+            BackendUnavailable: the database could not be reached or timed out (503).
+        """
+        doc_id = _check_id(doc_id)
+        if type(version) is not int or type(limit) is not int or limit < 1:
+            raise ConfigurationError("version and limit must be ints (limit >= 1)")
+        h, p = _heads.c, block_patches.c
+        head = sa.select(h.version).where(h.id == doc_id).scalar_subquery()
+        query = (
+            sa.select(head.label("v"), p.version, p.patch)
+            .where(p.document_id == doc_id, p.version > version)
+            .order_by(p.version)
+            .limit(limit + 1)
+        )
+        with self._transaction(session) as db:
+            rows = db.execute(query).all()
+            head_version = rows[0].v if rows else _head(db, doc_id).version
+        wanted = list(range(version + 1, head_version + 1))
+        if version > head_version or len(rows) > limit or [r.version for r in rows] != wanted:
+            raise NotFoundError("DocumentVersion", (doc_id, version))  # gone, or too many
+        return [json.loads(row.patch) for row in rows]
+
+    @sql_unavailable
     def load_json(self, doc_id: str, *, session: Executor | None = None) -> tuple[int, str]:
         """The head's version and its content as compact JSON text, in one consistent read.
 

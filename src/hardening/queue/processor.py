@@ -588,8 +588,10 @@ class QueueProcessor:
                 attempts += len(jobs)
                 if jobs:
                     continue
-                if until_empty and not futures and self._drained():
-                    break
+                if until_empty and not futures:
+                    if self._drained():
+                        break
+                    continue  # the skipped recovery runs at the next claim, with no wait
                 if futures:
                     pause = idle.next() if deadline is None else min(idle.next(), deadline)
                     wait(futures, timeout=pause, return_when=FIRST_COMPLETED)
@@ -842,8 +844,10 @@ class QueueProcessor:
                 attempts += len(jobs)
                 if jobs:
                     continue
-                if until_empty and not tasks and self._drained():
-                    break
+                if until_empty and not tasks:
+                    if self._drained():
+                        break
+                    continue  # the skipped recovery runs at the next claim, with no wait
                 if tasks:
                     await asyncio.wait(
                         tasks, timeout=idle.next(), return_when=asyncio.FIRST_COMPLETED
