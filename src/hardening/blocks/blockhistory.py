@@ -23,11 +23,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import sqlalchemy as sa
-from sqlalchemy.orm import Session
+from hardening._imports import require
 
-from hardening._sql import sql_unavailable
-from hardening.blocks._blockrows import (
+require("sqlalchemy", extra="sqlalchemy", feature="hardening.BlockHistory")
+
+import sqlalchemy as sa  # noqa: E402 - after the check that names the extra
+from sqlalchemy.orm import Session  # noqa: E402
+
+from hardening._sql import sql_unavailable  # noqa: E402
+from hardening.blocks._blockrows import (  # noqa: E402
     BlockBase,
     BlockDocument,
     Executor,
@@ -38,15 +42,15 @@ from hardening.blocks._blockrows import (
     dump_json,
     rows_for,
 )
-from hardening.blocks._order import DIGITS, KEY_LIMIT
-from hardening.blocks._pages import (
+from hardening.blocks._order import DIGITS, KEY_LIMIT  # noqa: E402
+from hardening.blocks._pages import (  # noqa: E402
     Block,
     ListPage,
     apply_to_page,
     join_document,
     split_document,
 )
-from hardening.blocks.history import (
+from hardening.blocks.history import (  # noqa: E402
     ConflictPolicy,
     DocumentVersion,
     _check_id,
@@ -55,11 +59,11 @@ from hardening.blocks.history import (
     _HistoryBase,
     _not_found,
 )
-from hardening.blocks.patch import DEFAULT_LIMITS, PatchLimits, _checked, patch_size
-from hardening.blocks.policy import SnapshotPolicy, compaction_floor
-from hardening.blocks.rebase import merge_patch
-from hardening.errors import ConfigurationError, ConflictError, MalformedBody, NotFoundError
-from hardening.locking import update_versioned
+from hardening.blocks.patch import DEFAULT_LIMITS, PatchLimits, _checked, patch_size  # noqa: E402
+from hardening.blocks.policy import SnapshotPolicy, compaction_floor  # noqa: E402
+from hardening.blocks.rebase import merge_patch  # noqa: E402
+from hardening.errors import ConfigurationError, ConflictError, MalformedBody, NotFoundError  # noqa: E402
+from hardening.locking import update_versioned  # noqa: E402
 
 if TYPE_CHECKING:
     from hardening.metrics import Metrics
