@@ -24,7 +24,7 @@ local run_at = ARGV[7]
 redis.call('HSET', key, 'id', id, 'queue', ARGV[4], 'payload', ARGV[5], 'priority', ARGV[6],
   'attempts', '0', 'max_attempts', ARGV[9], 'state', 'waiting', 'created_at', ARGV[8],
   'run_at', run_at, 'history', '[]')
-if ARGV[12] ~= '' then redis.call('HSET', key, 'timeout', ARGV[12]) end
+if ARGV[12] and ARGV[12] ~= '' then redis.call('HSET', key, 'timeout', ARGV[12]) end
 if deduped then
   redis.call('HSET', key, 'dedupe_key', dedupe_key)
   redis.call('HSET', K_DEDUPE, dedupe_key, id)
