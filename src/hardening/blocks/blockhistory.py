@@ -58,6 +58,7 @@ from hardening.blocks.history import (  # noqa: E402
     _exists,
     _HistoryBase,
     _not_found,
+    _SyncDriver,
 )
 from hardening.blocks.patch import DEFAULT_LIMITS, PatchLimits, _checked, patch_size  # noqa: E402
 from hardening.blocks.policy import SnapshotPolicy, compaction_floor  # noqa: E402
@@ -157,7 +158,7 @@ def _check_cursor(after: object) -> str:
     return after
 
 
-class BlockHistory(_HistoryBase):
+class BlockHistory(_SyncDriver, _HistoryBase):
     """Versioned block pages edited by JSON Patch, a row per block: saves cost the edit's size.
 
     The same API and conflict policies as :class:`~hardening.DocumentHistory` (``create``,
@@ -348,13 +349,7 @@ class BlockHistory(_HistoryBase):
                     if not self._retry(attempt):
                         raise
                     attempt += 1
-            page = RowsPage(
-                db,
-                doc_id,
-                count=head.block_count,
-                blocks_bytes=head.blocks_bytes,
-                id_key=self.id_key,
-            )
+            page = self._rows(db, doc_id, head)
             stored = raw
             if merging:  # the head is ours now: merge against it
                 try:
@@ -620,13 +615,7 @@ class BlockHistory(_HistoryBase):
             )
             if not (force or due) or head.patches_since == 0:
                 return None
-            page = RowsPage(
-                db,
-                doc_id,
-                count=head.block_count,
-                blocks_bytes=head.blocks_bytes,
-                id_key=self.id_key,
-            )
+            page = self._rows(db, doc_id, head)
             text = dump_json(join_document(page.blocks(), head.members(), self.blocks_key))
             size = len(text.encode())
             db.execute(
@@ -693,6 +682,12 @@ class BlockHistory(_HistoryBase):
 
     # --- internals -------------------------------------------------------------------------
 
+    def _rows(self, db: Executor, doc_id: str, head: _Head) -> RowsPage:
+        """The page's rows, as the head row counts them."""
+        return RowsPage(
+            db, doc_id, count=head.block_count, blocks_bytes=head.blocks_bytes, id_key=self.id_key
+        )
+
     def _oldest(self, db: Executor, doc_id: str) -> int:
         s = block_snapshots.c
         return int(
@@ -731,14 +726,6 @@ class BlockHistory(_HistoryBase):
         return join_document(page.items, meta, self.blocks_key)
 
     @contextmanager
-    def _transaction(self, session: Executor | None) -> Iterator[Executor]:
-        if session is not None:
-            yield session
-            return
-        with self._engine(None).begin() as conn:
-            yield conn
-
-    @contextmanager
     def _savepoint(self, db: Executor, session: Executor | None) -> Iterator[Executor]:
         """Inside a caller's transaction, a savepoint: a refused patch leaves nothing behind."""
         if session is None:  # our own transaction rolls back whole
@@ -754,9 +741,3 @@ class BlockHistory(_HistoryBase):
             conn.exec_driver_sql("BEGIN IMMEDIATE")
         with db.begin_nested():
             yield db
-
-    def _engine(self, engine: sa.Engine | None) -> sa.Engine:
-        engine = engine or self.engine
-        if engine is None:
-            raise ConfigurationError("BlockHistory has no engine: pass session= (or engine)")
-        return engine

@@ -408,7 +408,29 @@ class _HistoryBase:
 _NO_BASE = object()
 
 
-class DocumentHistory(_HistoryBase):
+class _SyncDriver:
+    """The blocking histories' engine and transaction plumbing (Document- and BlockHistory)."""
+
+    engine: sa.Engine | None
+
+    def _engine(self, engine: sa.Engine | None) -> sa.Engine:
+        engine = engine or self.engine
+        if engine is None:
+            name = type(self).__name__
+            raise ConfigurationError(f"{name} has no engine: pass session= (or engine)")
+        return engine
+
+    @contextmanager
+    def _transaction(self, session: Executor | None) -> Iterator[Executor]:
+        """``session`` as it is (the caller commits), or a transaction of our own."""
+        if session is not None:
+            yield session
+            return
+        with self._engine(None).begin() as conn:
+            yield conn
+
+
+class DocumentHistory(_SyncDriver, _HistoryBase):
     """Versioned documents edited by JSON Patch, every version kept rebuildable.
 
     Args:
@@ -650,20 +672,6 @@ class DocumentHistory(_HistoryBase):
             for statement in _compaction(doc_id, floor):
                 db.execute(statement)
             return floor
-
-    def _engine(self, engine: sa.Engine | None) -> sa.Engine:
-        engine = engine or self.engine
-        if engine is None:
-            raise ConfigurationError("DocumentHistory has no engine: pass session= (or engine)")
-        return engine
-
-    @contextmanager
-    def _transaction(self, session: Executor | None) -> Iterator[Executor]:
-        if session is not None:
-            yield session
-            return
-        with self._engine(None).begin() as conn:
-            yield conn
 
 
 def _rebuild(db: Executor, doc_id: str, version: int) -> object:
