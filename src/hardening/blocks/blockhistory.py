@@ -332,7 +332,10 @@ class BlockHistory(_SyncDriver, _HistoryBase):
             BackendUnavailable: the database could not be reached or timed out (503).
         """
         doc_id = _check_id(doc_id)
-        raw = self._incoming(patch, base_version)
+        if type(base_version) is not int:
+            raise ConfigurationError(f"base_version must be an int, not {base_version!r}")
+        incoming = _checked(patch, self.limits)[1]  # validated and parsed once
+        raw = [op.raw for op in incoming]
         with self._transaction(session) as outer, self._savepoint(outer, session) as db:
             attempt = 0
             while True:
@@ -364,7 +367,7 @@ class BlockHistory(_SyncDriver, _HistoryBase):
                     limits=self.limits,
                     prefer_patch=self.conflict == "last-write-wins",
                 )
-            ops = _checked(stored, None, trusted=True)[1] if merging else _checked(raw, None)[1]
+            ops = _checked(stored, None, trusted=True)[1] if merging else incoming
             changes = apply_to_page(
                 page,
                 ops,
