@@ -133,6 +133,35 @@ class Sampler:
             await asyncio.sleep(interval)
 
 
+async def wait_for_idle_queue(
+    http: httpx.AsyncClient, timeout: float, interval: float = 0.5, quiet_scrapes: int = 3
+) -> float | None:
+    """Wait until the index queue is empty: ``quiet_scrapes`` scrapes in a row with nothing
+    waiting, running or retrying (the depth gauge is refreshed every second, so one empty
+    scrape is not enough). Return the seconds waited, or ``None`` when ``timeout`` passed first
+    or the service exports no queue depth.
+
+    The load starts after this, so indexing the pages just created does not compete with it:
+    the scenario is users editing pages that exist, not a bulk import.
+    """
+    started = time.monotonic()
+    quiet = 0
+    while time.monotonic() - started < timeout:
+        try:
+            response = await http.get("/metrics")
+        except httpx.HTTPError:
+            response = None
+        if response is not None and response.status_code == 200:
+            depth = queue_depth(response.text)
+            if not depth:
+                return None
+            quiet = quiet + 1 if sum(depth.get(s, 0.0) for s in QUEUE_STATES) == 0 else 0
+            if quiet >= quiet_scrapes:
+                return time.monotonic() - started
+        await asyncio.sleep(interval)
+    return None
+
+
 async def measure_lag(lags: list[float], interval: float = 0.1) -> None:
     """Record how late the event loop wakes (the load generator's own saturation)."""
     while True:

@@ -43,6 +43,11 @@ class Options:
         scrape_interval: seconds between ``/metrics`` scrapes.
         processes: generator processes the users are spread over (``None``: see
             :attr:`generator_processes`); with one, the users run in the main process.
+        stay: the mean number of edits a user makes on one page before moving to another
+            (geometric; 1: a new random page for every edit). An editor works on a page for a
+            while; each move costs an open (the whole page) unless a fresh copy is held.
+        settle: the longest wait, seconds, after setup for the index queue to empty before the
+            load starts (0: start at once, while the new pages are still being indexed).
     """
 
     url: str = "http://127.0.0.1:8000"
@@ -68,6 +73,8 @@ class Options:
     progress: bool = True
     scrape_interval: float = 1.0
     processes: int | None = None
+    stay: float = 10.0
+    settle: float = 300.0
 
     @property
     def hot(self) -> int:
@@ -132,6 +139,20 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     add("--grace", type=float, default=defaults.grace, help="s after the deadline (10)")
     add("--timeout", type=float, default=defaults.timeout, help="HTTP timeout, s (60)")
     add(
+        "--stay",
+        type=float,
+        default=defaults.stay,
+        help="mean edits a user makes on one page before moving on (%(default)s; 1: a new "
+        "page every edit)",
+    )
+    add(
+        "--settle",
+        type=float,
+        default=defaults.settle,
+        help="longest wait, s, for the new pages' indexing to finish before the load "
+        "(%(default)s; 0: no wait)",
+    )
+    add(
         "--connections",
         type=int,
         help="connection pool size, split over the processes (default: each one's users + 8)",
@@ -148,6 +169,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         parser.error("--users, --pages and --blocks must be at least 1")
     if not 0.0 <= args.shared <= 1.0:
         parser.error("--shared is a fraction between 0 and 1")
+    if args.stay < 1:
+        parser.error("--stay must be at least 1")
     if args.processes is not None and args.processes < 1:
         parser.error("--processes must be at least 1")
     options = Options(**{k: v for k, v in vars(args).items() if k in _FIELDS and v is not None})

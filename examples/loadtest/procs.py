@@ -29,7 +29,13 @@ from typing import Any, TextIO
 
 import httpx
 
-from examples.loadtest.metrics import QueueSample, Sampler, scrape_histograms, server_latency
+from examples.loadtest.metrics import (
+    QueueSample,
+    Sampler,
+    scrape_histograms,
+    server_latency,
+    wait_for_idle_queue,
+)
 from examples.loadtest.options import Options, parse_args, split_users
 from examples.loadtest.recording import Ack
 from examples.loadtest.report import GeneratorStats, Results, report
@@ -347,6 +353,9 @@ async def run(options: Options, *, stream: TextIO | None = None) -> Results:
         setup_failures: Counter[str] = Counter()
         pages = await create_pages(admin, options, rng, setup_failures)
         setup_seconds = time.monotonic() - started
+        settle_seconds = (
+            await wait_for_idle_queue(admin, options.settle) if options.settle > 0 else None
+        )
 
         shares = make_shares(options, list(pages), run_tag())
         progress = Progress()
@@ -399,6 +408,7 @@ async def run(options: Options, *, stream: TextIO | None = None) -> Results:
     return Results(
         options=options,
         setup_seconds=setup_seconds,
+        settle_seconds=settle_seconds,
         setup_failures=dict(setup_failures),
         load_seconds=load_seconds,
         requests=merged.requests,

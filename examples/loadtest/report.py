@@ -90,6 +90,7 @@ class Results:
 
     options: Options
     setup_seconds: float
+    settle_seconds: float | None
     setup_failures: dict[str, int]
     load_seconds: float
     requests: int
@@ -221,6 +222,11 @@ def report(results: Results, out: TextIO) -> None:
     write(
         f"setup {results.setup_seconds:.1f} s"
         + (f" (retried after {retried})" if retried else "")
+        + (
+            f", indexed in {results.settle_seconds:.1f} s more"
+            if results.settle_seconds is not None
+            else ""
+        )
         + f", load {results.load_seconds:.1f} s"
     )
     write()

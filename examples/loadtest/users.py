@@ -160,10 +160,12 @@ class Run:
         copies: OrderedDict[str, tuple[LocalPage, float]] = OrderedDict()
         await asyncio.sleep(rng.uniform(0.0, options.think))  # users do not start in step
         done = 0
+        page_id: str | None = None
         while self.more(done):
             done += 1
-            shared = rng.random() < options.shared
-            page_id = rng.choice(self.hot if shared else self.page_ids)
+            if page_id is None or rng.random() * options.stay < 1.0:  # move on
+                shared = rng.random() < options.shared
+                page_id = rng.choice(self.hot if shared else self.page_ids)
             held = copies.pop(page_id, None)
             if held is None or time.monotonic() - held[1] > options.copy_ttl:
                 start = time.perf_counter()

@@ -26,6 +26,7 @@ from starlette.routing import Route
 
 from examples.pages_service.limits import build_limits
 from examples.pages_service.store import (
+    MAX_BODY,
     Page,
     PageStore,
     Settings,
@@ -51,8 +52,6 @@ from hardening.adapters.asgi import (
 )
 
 logger = logging.getLogger("pages_service")
-
-MAX_BODY = 8 * 1024 * 1024  # a new 10,000-block page is 1-3 MB of JSON
 
 
 def _page_response(page: Page, status: int = 200, **headers: str) -> JSONResponse:

@@ -53,11 +53,17 @@ def _problem(response: httpx.Response) -> dict[str, Any]:
 
 @dataclass
 class LocalPage:
-    """The client's copy of a page: the version the server acknowledged and its blocks."""
+    """The client's copy of a page: the version the server acknowledged and its blocks.
+
+    ``blocks`` is treated as a value: the client never changes it in place, and neither should
+    the caller (build an edit as a new list, e.g. ``[*blocks[:i], changed, *blocks[i + 1:]]``).
+    ``size`` is the page's JSON size in bytes as last received or sent whole (for statistics).
+    """
 
     id: str
     version: int
     blocks: Blocks
+    size: int = 0
 
     @property
     def etag(self) -> str:
@@ -117,7 +123,8 @@ class PagesClient:
         """Create a page; return the local copy at version 1."""
         response = await self._send("POST", "/pages", json={"blocks": blocks})
         body = response.json()
-        return LocalPage(body["id"], body["version"], copy.deepcopy(blocks))
+        size = len(response.request.content)
+        return LocalPage(body["id"], body["version"], copy.deepcopy(blocks), size)
 
     async def open(self, page_id: str) -> LocalPage:
         """Fetch a page's current version."""
@@ -126,7 +133,7 @@ class PagesClient:
         if response.status_code != 200:
             raise SaveFailed(response)
         body = response.json()
-        return LocalPage(body["id"], body["version"], body["blocks"])
+        return LocalPage(body["id"], body["version"], body["blocks"], len(response.content))
 
     async def catch_up(self, page: LocalPage) -> tuple[LocalPage, list[list[Any]]]:
         """The server's head and the patches from ``page`` to it.
@@ -141,20 +148,23 @@ class PagesClient:
         self.stats.count(response.status_code)
         if response.status_code == 200:
             body = response.json()
-            blocks = copy.deepcopy(page.blocks)
+            blocks = page.blocks
             try:
-                for patch in body["patches"]:
-                    blocks = apply_patch(blocks, patch, limits=None, in_place=True)
+                for patch in body["patches"]:  # copying only what each patch changes
+                    blocks = apply_patch(blocks, patch, limits=None, share=True)
             except PatchError:
                 pass  # not what the server has: fetch the page below
             else:
                 self.stats.caught_up += 1
-                return LocalPage(page.id, body["version"], blocks), body["patches"]
+                return LocalPage(page.id, body["version"], blocks, page.size), body["patches"]
         theirs = await self.open(page.id)
         return theirs, [diff_blocks(page.blocks, theirs.blocks)]
 
     async def save(self, page: LocalPage, edited: Blocks) -> LocalPage:
         """Save ``edited`` (the user's version of ``page.blocks``) as a patch.
+
+        ``edited`` becomes the new local copy's blocks when the save lands as it is (no copy
+        of the page per save): do not change it in place afterwards.
 
         Returns:
             The new local copy: the blocks the server now has, at the new version.
@@ -173,8 +183,8 @@ class PagesClient:
             if response.status_code == 200:
                 self.stats.saves += 1
                 self.stats.patch_bytes += len(body)
-                self.stats.full_bytes += len(json.dumps({"blocks": current}).encode())
-                return LocalPage(page.id, response.json()["version"], copy.deepcopy(current))
+                self.stats.full_bytes += page.size  # the whole page, as last fetched
+                return LocalPage(page.id, response.json()["version"], current, page.size)
             if response.status_code == 412:  # someone saved first: rebase onto theirs
                 self.stats.retries_412 += 1
                 theirs, head_patches = await self.catch_up(LocalPage(page.id, version, base))
@@ -184,7 +194,7 @@ class PagesClient:
                     self.stats.conflicts += 1
                     raise
                 base, version = theirs.blocks, theirs.version
-                current = apply_patch(theirs.blocks, ops)
+                current = apply_patch(theirs.blocks, ops, share=True)
                 continue
             if response.status_code == 429:
                 self.stats.waits_429 += 1
@@ -264,7 +274,7 @@ class Debouncer:
                 base=sent,
                 head_patches=[diff_blocks(sent, saved.blocks)],
             )
-            self.working = apply_patch(copy.deepcopy(saved.blocks), ops)
+            self.working = apply_patch(saved.blocks, ops)  # a copy: the working one is ours
 
     async def flush(self) -> LocalPage:
         """Save pending edits now; return the saved page."""

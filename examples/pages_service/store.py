@@ -55,6 +55,7 @@ logger = logging.getLogger("pages_service")
 WorkerMode = Literal["inprocess", "external", "off"]
 QUEUE = "index"
 MAX_BLOCKS = 20_000  # the seeds ask for pages of 10,000+ blocks
+MAX_BODY = 8 * 1024 * 1024  # a new 10,000-block page is 1-3 MB of JSON
 MAX_CONTENT = 20_000
 _WORD = re.compile(r"\w{2,40}", re.UNICODE)
 
@@ -231,7 +232,9 @@ def page_history(engine: sa.Engine | None, metrics: Metrics | None = None) -> Bl
         engine,
         snapshots=SnapshotPolicy(every=20),
         conflict="reject",  # a stale If-Match is the client's to rebase (412)
-        limits=PatchLimits(max_operations=1_000, max_bytes=1_000_000, max_array_length=MAX_BLOCKS),
+        # a new page is checked against the same limits as a whole-page replace, so a patch may
+        # be as large as a request body (a 10,000-block page is 1.4 MB); operations stay few
+        limits=PatchLimits(max_operations=1_000, max_bytes=MAX_BODY, max_array_length=MAX_BLOCKS),
         metrics=metrics,
         check_block=check_saved_block,
     )

@@ -108,6 +108,21 @@ def test_record_in_place(record: dict[str, object]) -> None:
         assert _canonical(result) == _canonical(record["expected"])
 
 
+@pytest.mark.parametrize("record", _records())
+def test_record_shared(record: dict[str, object]) -> None:
+    """Copy on write (``share=True``): the same outcome, and the input never changed."""
+    doc = record["doc"]
+    before = copy.deepcopy(doc)
+    if "error" in record:
+        with pytest.raises(PatchError):
+            apply_patch(doc, record["patch"], share=True)
+    else:
+        result = apply_patch(doc, record["patch"], share=True)
+        if "expected" in record:
+            assert _canonical(result) == _canonical(record["expected"])
+    assert _canonical(doc) == _canonical(before)
+
+
 def test_suite_size() -> None:
     """The vendored files hold the records the README says (nothing silently dropped)."""
     counts = {

@@ -221,6 +221,62 @@ def test_in_place_success_changes_the_input() -> None:
     assert doc == {"a": [1, 2]}
 
 
+def test_share_copies_only_the_changed_path() -> None:
+    """``share=True``: the containers on the changed path are new, every other value is the
+    input's own object, and the input is unchanged."""
+    blocks = [{"id": str(i), "content": {"text": f"t{i}"}} for i in range(1000)]
+    doc = {"meta": {"title": "x"}, "blocks": blocks}
+    before = copy.deepcopy(doc)
+    patch = [
+        {"op": "replace", "path": "/blocks/500/content/text", "value": "new"},
+        {"op": "move", "from": "/blocks/999", "path": "/blocks/0"},
+    ]
+    result = apply_patch(doc, patch, share=True)
+    assert doc == before
+    assert result == apply_patch(doc, patch)
+    assert result is not doc and result["blocks"] is not blocks
+    assert result["meta"] is doc["meta"]  # untouched: shared
+    assert result["blocks"][0] is blocks[999]  # moved, not copied
+    assert result["blocks"][2] is blocks[1]
+    edited = result["blocks"][501]
+    assert edited is not blocks[500] and edited["content"] is not blocks[500]["content"]
+    assert sum(a is not b for a, b in zip(result["blocks"][1:], blocks[:999], strict=True)) == 1
+
+
+def test_share_changes_a_container_once() -> None:
+    """Several operations under one container copy it once and see each other's changes."""
+    doc = {"a": {"b": [1, 2]}}
+    patch = [
+        {"op": "add", "path": "/a/b/-", "value": 3},
+        {"op": "add", "path": "/a/b/0", "value": 0},
+        {"op": "test", "path": "/a/b", "value": [0, 1, 2, 3]},
+        {"op": "copy", "from": "/a/b", "path": "/a/c"},
+        {"op": "add", "path": "/a/c/-", "value": 4},
+    ]
+    result = apply_patch(doc, patch, share=True)
+    assert doc == {"a": {"b": [1, 2]}}
+    assert result == {"a": {"b": [0, 1, 2, 3], "c": [0, 1, 2, 3, 4]}}
+
+
+def test_share_failure_leaves_the_input() -> None:
+    """A failing operation after changes: the input is as it was (nothing to undo)."""
+    doc = copy.deepcopy(DOC)
+    patch = [
+        {"op": "remove", "path": "/a/b/0"},
+        {"op": "move", "from": "/c", "path": "/a/c"},
+        {"op": "test", "path": "/a/c", "value": "other"},
+    ]
+    with pytest.raises(PatchTestFailed):
+        apply_patch(doc, patch, share=True)
+    assert doc == DOC
+
+
+def test_share_and_in_place_exclude_each_other() -> None:
+    """Asking for both is a configuration error, not a guess."""
+    with pytest.raises(ConfigurationError):
+        apply_patch({}, [], in_place=True, share=True)
+
+
 def test_values_are_not_shared_with_the_patch() -> None:
     """Changing the result later never changes the patch (which may be stored), nor back."""
     value = {"x": [1]}
@@ -447,6 +503,10 @@ def test_hostile_input_raises_only_patch_errors(doc: object, patch: object) -> N
             apply_patch(target, patch, in_place=in_place)
         except PatchError:
             assert _canonical(target) == _canonical(before)
+    try:
+        apply_patch(doc, patch, share=True)
+    except PatchError:
+        pass
     assert _canonical(doc) == _canonical(before)
 
 
@@ -458,11 +518,19 @@ def test_agrees_with_jsonpatch(doc: object, patch: list[dict[str, object]]) -> N
         expected: object = jsonpatch.apply_patch(copy.deepcopy(doc), patch)
     except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException):
         expected = PatchError
+    before = copy.deepcopy(doc)
     try:
         result: object = apply_patch(doc, patch)
     except PatchError:
         result = PatchError
+    try:
+        shared: object = apply_patch(doc, patch, share=True)
+    except PatchError:
+        shared = PatchError
     if expected is PatchError or result is PatchError:
         assert result is expected
+        assert shared is PatchError
     else:
         assert _canonical(result) == _canonical(expected)
+        assert _canonical(shared) == _canonical(expected)
+    assert _canonical(doc) == _canonical(before)

@@ -135,6 +135,7 @@ async def test_concurrent_editors_lose_nothing(serve: Serve) -> None:
     assert results.latency_ms["save (as the user waited)"]["n"] == results.acknowledged
     assert results.verification.search_seconds is not None
     assert results.verification.markers_checked > 0
+    assert results.settle_seconds is not None  # the new pages were indexed before the load
     # one server process: its own histogram saw exactly the PATCHes the users sent
     patches = sum(results.statuses["PATCH page"].values())
     assert results.server_latency_ms["PATCH /pages/{page_id}"]["n"] == patches
@@ -242,6 +243,37 @@ def test_users_spread_over_processes() -> None:
     assert Options(users=3, processes=8).generator_processes == 3  # never more than the users
     assert parse_args(["--users", "40", "--processes", "2"]).generator_processes == 2
     assert parse_args([]).processes is None
+
+
+@pytest.mark.anyio
+async def test_users_stay_on_a_page(serve: Serve) -> None:
+    """``stay``: an editor works on one page, so it opens it once, not once per edit."""
+    base = serve()
+    options = Options(
+        url=base, users=3, pages=4, blocks=10, duration=None, edits_per_user=5, think=0.0,
+        shared=0.0, admin_token=ADMIN, seed=11, progress=False, search_timeout=20.0,
+        stay=1e9, settle=0.0,
+    )  # fmt: skip
+    results = await run(options)
+
+    assert results.verification.ok, _describe(results)
+    assert results.settle_seconds is None  # not asked to wait
+    pages_of: dict[int, set[str]] = {}
+    for ack in results.acks:
+        pages_of.setdefault(ack.user, set()).add(ack.page_id)
+    assert all(len(pages) == 1 for pages in pages_of.values()), pages_of
+    ended = sum(n for k, n in results.outcomes.items() if "after a 412" not in k)
+    assert ended == 3 * 5, _describe(results)
+    # one open per user, and one more only after an edit that did not land (its copy dropped)
+    opens = results.latency_ms["open (GET, no local copy)"]["n"]
+    assert 3 <= opens <= 3 + (ended - results.acknowledged), _describe(results)
+
+
+def test_stay_is_at_least_one() -> None:
+    """Fewer than one edit per page makes no sense: refused at the command line."""
+    with pytest.raises(SystemExit):
+        parse_args(["--stay", "0.5"])
+    assert parse_args(["--stay", "1"]).stay == 1.0
 
 
 @pytest.mark.anyio

@@ -333,12 +333,22 @@ class _Patcher:
     """Applies checked operations to a document, optionally logging how to undo each change."""
 
     def __init__(
-        self, root: object, checker: _Checker, *, undo: bool, copy_values: bool = True
+        self,
+        root: object,
+        checker: _Checker,
+        *,
+        undo: bool,
+        copy_values: bool = True,
+        share: bool = False,
     ) -> None:
         self.root = root
         self.checker = checker
         self.undo: list[tuple[int, object, object, object]] | None = [] if undo else None
         self.copy_values = copy_values
+        # share: copy on write. The containers this patcher copied (by id, kept alive here so
+        # no id is reused) are its own to change; any other is the caller's, copied before a
+        # change below it and put in its (own) parent's place.
+        self.owned: dict[int, object] | None = {} if share else None
 
     def run(self, op: _Op) -> None:
         kind = op.kind
@@ -393,10 +403,42 @@ class _Patcher:
         return node
 
     def parent(self, tokens: list[str], op: _Op) -> object:
+        """The container the last token names a member of, about to be changed."""
+        if self.owned is not None:
+            return self.own_parent(tokens, op)
         node = self.root
         for depth in range(len(tokens) - 1):
             node = self.child(node, tokens[depth], tokens, depth, op)
         return node
+
+    def own_parent(self, tokens: list[str], op: _Op) -> object:
+        """:meth:`parent`, copying each shared container on the way (``share=True``)."""
+        node = self.root = self.own(self.root)
+        for depth in range(len(tokens) - 1):
+            token = tokens[depth]
+            found = self.child(node, token, tokens, depth, op)
+            mine = self.own(found)
+            if mine is not found:  # node is a container of ours: child() found a member of it
+                if isinstance(node, dict):
+                    node[token] = mine
+                else:
+                    cast(list[object], node)[cast(int, _array_index(token))] = mine
+            node = mine
+        return node
+
+    def own(self, node: object) -> object:
+        """``node`` if it is a scalar or already this patcher's, else a shallow copy of it."""
+        owned = cast(dict[int, object], self.owned)
+        if id(node) in owned:
+            return node
+        if isinstance(node, dict):
+            mine: object = dict(node)
+        elif isinstance(node, list):
+            mine = list(node)
+        else:
+            return node
+        owned[id(mine)] = mine
+        return mine
 
     def child(self, node: object, token: str, tokens: list[str], depth: int, op: _Op) -> object:
         if isinstance(node, dict):
@@ -555,6 +597,7 @@ def apply_patch(
     *,
     limits: PatchLimits | None = DEFAULT_LIMITS,
     in_place: bool = False,
+    share: bool = False,
 ) -> DocT:
     """Apply a JSON Patch (RFC 6902) atomically: all operations, or none.
 
@@ -562,8 +605,11 @@ def apply_patch(
     copy patched, so ``doc`` is never changed. With ``in_place=True`` there is no copy:
     ``doc``'s containers are changed directly (use the returned value: a patch may replace the
     whole document), and if an operation fails every change already made is undone before the
-    error is raised. Values from the patch are copied into the document, so later changes to
-    either never show in the other.
+    error is raised. With ``share=True`` only the containers on the changed paths are copied
+    (shallowly: one edit of a 10,000-block page copies the list of blocks and that block, not
+    the page), and the result shares every other value with ``doc``: ``doc`` is never changed,
+    but from then on treat both as values (change neither in place). Values from the patch are
+    copied into the document, so later changes to either never show in the other.
 
     Array indices follow RFC 6901 strictly (``0``, ``1``...; no ``01``, no ``-1``); ``-`` is
     the end of an array for ``add`` (and ``move``/``copy`` targets) only. ``test`` compares as
@@ -577,6 +623,8 @@ def apply_patch(
         patch: the operations, as received (anything; it is validated).
         limits: the resource bounds, or ``None`` for none (trusted patches only).
         in_place: patch ``doc`` itself, undoing everything on failure.
+        share: copy on write: copy only what the patch changes; the result shares the rest
+            with ``doc``.
 
     Returns:
         The patched document.
@@ -587,15 +635,18 @@ def apply_patch(
         PatchApplyError: an operation does not apply: a missing path, an index past the end,
             a member of a scalar... (HTTP 422).
         PatchTestFailed: a ``test`` operation did not hold (HTTP 409).
+        ConfigurationError: both ``in_place`` and ``share``.
     """
+    if in_place and share:
+        raise ConfigurationError("apply_patch: in_place and share exclude each other")
     checker, ops = _checked(patch, limits)
     root: object = doc
-    if not in_place:
+    if not in_place and not share:
         try:
             root = copy_json(doc)
         except RecursionError:
             raise checker.too_deep(_DEPTH_CAP + 1, None, None) from None
-    patcher = _Patcher(root, checker, undo=in_place)
+    patcher = _Patcher(root, checker, undo=in_place, share=share)
     try:
         for op in ops:
             patcher.run(op)

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
 
-from hardening.blocks._json import MISSING, copy_json, pointer, same
+from hardening.blocks._json import MISSING, pointer, same
 from hardening.blocks.diff import diff, longest_increasing_subsequence
 from hardening.blocks.patch import (
     DEFAULT_LIMITS,
@@ -92,9 +92,9 @@ def rebase(
             ``InvalidPatch``, ``PatchLimitExceeded``, ``PatchApplyError`` or
             ``PatchTestFailed``).
     """
-    head = copy_json(base)
+    head = base  # copied on write: what the saved patches touch, not the whole document
     for saved in head_patches:
-        head = apply_patch(head, saved, limits=None, in_place=True)
+        head = apply_patch(head, saved, limits=None, share=True)
     return merge_patch(patch, base=base, head=head, id_key=id_key, limits=limits)[1]
 
 
@@ -125,7 +125,7 @@ def merge_patch(
         PatchConflict: a true conflict, unless ``prefer_patch``.
         PatchError: the patch is invalid or does not apply to ``base``.
     """
-    mine = apply_patch(base, patch, limits=limits)
+    mine = apply_patch(base, patch, limits=limits, share=True)
     try:
         merged = _Merger(id_key, prefer_patch).value(base, head, mine, ())
     except _Conflict as conflict:
@@ -325,7 +325,7 @@ def _patch_conflict(conflict: _Conflict, patch: object, base: object, id_key: st
 def _locate(patch: object, base: object, route: Route, id_key: str) -> int | None:
     """The index of the first operation of ``patch`` that touches ``route`` (best effort)."""
     checker, ops = _checked(patch, None, trusted=True)
-    patcher = _Patcher(copy_json(base), checker, undo=False)
+    patcher = _Patcher(base, checker, undo=False, share=True)
     for op in ops:
         for tokens in (op.path, op.from_):
             if tokens is None:
