@@ -6,7 +6,7 @@ import copy
 import marshal
 from collections.abc import Iterable
 
-__all__ = ["MISSING", "copy_json", "escape", "json_equal", "pointer", "same"]
+__all__ = ["MISSING", "copy_json", "escape", "json_equal", "pointer", "same", "storable"]
 
 
 class _Missing:
@@ -19,6 +19,22 @@ class _Missing:
 
 
 MISSING = _Missing()
+
+
+def storable(text: str) -> bool:
+    """Whether a database can hold ``text`` as a key: valid Unicode and no NUL.
+
+    UTF-8 has no form for a lone surrogate, and PostgreSQL's text cannot hold a NUL.
+    """
+    if "\x00" in text:
+        return False
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def escape(token: str) -> str:

@@ -42,6 +42,7 @@ from hardening.blocks._blockrows import (  # noqa: E402
     dump_json,
     rows_for,
 )
+from hardening.blocks._json import storable  # noqa: E402
 from hardening.blocks._order import DIGITS, KEY_LIMIT  # noqa: E402
 from hardening.blocks._pages import (  # noqa: E402
     Block,
@@ -541,7 +542,8 @@ class BlockHistory(_SyncDriver, _HistoryBase):
             BackendUnavailable: the database could not be reached or timed out (503).
         """
         doc_id = _check_id(doc_id)
-        wanted = sorted({b for b in block_ids if isinstance(b, str)})
+        # an id no block can have (a lone surrogate, a NUL) is absent, not a database error
+        wanted = sorted({b for b in block_ids if isinstance(b, str) and storable(b)})
         h, r = _heads.c, block_rows.c
         with self._transaction(session) as db:
             version = sa.select(h.version).where(h.id == doc_id).scalar_subquery()

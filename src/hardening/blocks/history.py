@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from hardening._imports import require
 from hardening._sql import sql_unavailable
+from hardening.blocks._json import storable
 from hardening.blocks.patch import (
     DEFAULT_LIMITS,
     PatchLimits,
@@ -296,10 +297,10 @@ def _check_version(doc_id: str, version: int, head_version: int | None) -> None:
 def _check_id(doc_id: object) -> str:
     """A document id that could exist; else the document is simply not found (404).
 
-    Ids come from URLs: NUL (which PostgreSQL cannot store) or an over-long id must not reach
-    the database as an error.
+    Ids come from URLs: NUL (which PostgreSQL cannot store), a lone surrogate (which no
+    database can) or an over-long id must not reach the database as an error.
     """
-    if not isinstance(doc_id, str) or not 1 <= len(doc_id) <= 255 or "\x00" in doc_id:
+    if not isinstance(doc_id, str) or not 1 <= len(doc_id) <= 255 or not storable(doc_id):
         raise NotFoundError("Document", doc_id if isinstance(doc_id, str) else repr(doc_id))
     return doc_id
 
@@ -336,8 +337,10 @@ class _HistoryBase:
 
     def _new_document(self, doc_id: str, content: object) -> int:
         """Check a new document's id and content; return the content's size."""
-        if not isinstance(doc_id, str) or not 1 <= len(doc_id) <= 255:
-            raise ConfigurationError("a document id is a string of 1 to 255 characters")
+        if not isinstance(doc_id, str) or not 1 <= len(doc_id) <= 255 or not storable(doc_id):
+            raise ConfigurationError(
+                "a document id is a string of 1 to 255 characters (valid Unicode, no NUL)"
+            )
         limits = self.limits and dataclasses.replace(self.limits, max_bytes=2**62)
         _Checker(limits).value(content, 0, None, None)  # a document may outweigh a patch
         return _json_size(content)
@@ -502,7 +505,9 @@ class DocumentHistory(_SyncDriver, _HistoryBase):
 
         Raises:
             ConflictError: a document with this id already exists.
-            InvalidPatch: ``content`` is not JSON.
+            ConfigurationError: ``doc_id`` is not 1 to 255 characters of valid Unicode without
+                NUL.
+            InvalidPatch: ``content`` is not JSON (or holds a lone surrogate).
             PatchLimitExceeded: ``content`` exceeds ``limits``.
             BackendUnavailable: the database could not be reached or timed out (503).
         """
@@ -758,7 +763,7 @@ class AsyncDocumentHistory(_HistoryBase):
 
         Raises:
             ConflictError: a document with this id already exists.
-            InvalidPatch: ``content`` is not JSON.
+            InvalidPatch: ``content`` is not JSON (or holds a lone surrogate).
             PatchLimitExceeded: ``content`` exceeds ``limits``.
             BackendUnavailable: the database could not be reached or timed out (503).
         """

@@ -143,6 +143,22 @@ def _array_index(token: str) -> int | None:
     return None
 
 
+def _utf8_length(text: str, what: str, index: int | None, op: object) -> int:
+    r"""The UTF-8 size of non-ASCII ``text``; a lone surrogate (no UTF-8 form) is refused.
+
+    ``json.loads`` accepts ``"\ud800"``, but no database or UTF-8 encoder can store it.
+    """
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start : exc.end]
+        raise InvalidPatch(
+            f"{what} is not valid Unicode: lone surrogate {bad!r} at character {exc.start}",
+            op_index=index,
+            op=op,
+        ) from None
+
+
 def _type_name(value: object) -> str:
     if isinstance(value, dict):
         return "an object"
@@ -197,7 +213,20 @@ class _Checker:
                 "cannot move a value into one of its own children", op_index=index, op=raw
             )
         self.charge(16 + len(op), index, raw)
+        if len(op) > 2 + (kind in _NEEDS_VALUE) + (kind in _NEEDS_FROM) and not self.trusted:
+            self.ignored(op, kind, index)
         return _Op(index, kind, path, from_, value, op)
+
+    def ignored(self, op: dict[str, object], kind: int, index: int) -> None:
+        """Check the members the operation ignores (RFC 6902 §4) as JSON: they are stored."""
+        used = ("op", "path", *(("value",) if kind in _NEEDS_VALUE else ()))
+        used += ("from",) if kind in _NEEDS_FROM else ()
+        for name, member in op.items():
+            if name not in used:
+                if not isinstance(name, str):
+                    raise InvalidPatch("member names must be strings", op_index=index, op=op)
+                self.value(name, 0, index, op)
+                self.value(member, 0, index, op)
 
     def pointer(self, op: dict[str, object], member: str, index: int) -> list[str]:
         text = op.get(member, MISSING)
@@ -205,6 +234,8 @@ class _Checker:
             raise InvalidPatch(f"the operation has no '{member}' member", op_index=index, op=op)
         if not isinstance(text, str):
             raise InvalidPatch(f"'{member}' must be a string", op_index=index, op=op)
+        if not text.isascii():
+            _utf8_length(text, f"'{member}'", index, op)
         tokens = _tokens(text)
         if tokens is None:
             raise InvalidPatch(
@@ -260,7 +291,9 @@ class _Checker:
             if isinstance(node, str):
                 if len(node) > max_string:
                     raise self.too_long("a string", len(node), max_string, index, op)
-                size += 2 + (len(node) if node.isascii() else len(node.encode("utf-8", "replace")))
+                size += 2 + (
+                    len(node) if node.isascii() else _utf8_length(node, "a string", index, op)
+                )
             elif isinstance(node, dict):
                 level += 1
                 if level > max_depth:
@@ -275,7 +308,9 @@ class _Checker:
                         )
                     if len(key) > max_string:
                         raise self.too_long("a member name", len(key), max_string, index, op)
-                    size += len(key)
+                    size += (
+                        len(key) if key.isascii() else _utf8_length(key, "a member name", index, op)
+                    )
                     stack.append((item, level))
             elif isinstance(node, list):
                 level += 1
@@ -574,7 +609,9 @@ def validate_patch(
     Everything that can be known without the document is checked (``apply_patch`` checks the
     same first): the patch is an array of objects; each has a known ``op``, string pointers in
     RFC 6901 syntax, the ``value`` or ``from`` its operation needs; ``move`` is not into its own
-    child; values are JSON (no NaN or infinity, string member names) within ``limits``.
+    child; values are JSON (no NaN or infinity, string member names) within ``limits``; every
+    string, member name and pointer is valid Unicode (no lone surrogate, which nothing can
+    store); members an operation ignores are JSON too (a history stores them).
 
     Args:
         patch: the parsed request body, as received.
