@@ -45,6 +45,12 @@ if _typing.TYPE_CHECKING:
     from hardening._backoff import (
         Backoff,
     )
+    from hardening._conditional import (
+        check_if_match,
+        check_if_none_match,
+        etag_for,
+        if_match_version,
+    )
     from hardening.blocks import (
         PatchLimits,
         SnapshotPolicy,
@@ -102,10 +108,7 @@ if _typing.TYPE_CHECKING:
         ConflictEvents,
         Versioned,
         VersionedSession,
-        check_if_match,
         conflict_events,
-        etag_for,
-        if_match_version,
         on_conflict,
         retry_on_conflict,
         update_versioned,
@@ -227,10 +230,12 @@ _LAZY: dict[str, str] = {
     "ConflictEvents": "hardening.locking",
     "Versioned": "hardening.locking",
     "VersionedSession": "hardening.locking",
-    "check_if_match": "hardening.locking",
+    # the HTTP helpers need no SQLAlchemy: loaded from their own module
+    "check_if_match": "hardening._conditional",
+    "check_if_none_match": "hardening._conditional",
+    "etag_for": "hardening._conditional",
+    "if_match_version": "hardening._conditional",
     "conflict_events": "hardening.locking",
-    "etag_for": "hardening.locking",
-    "if_match_version": "hardening.locking",
     "on_conflict": "hardening.locking",
     "retry_on_conflict": "hardening.locking",
     "update_versioned": "hardening.locking",
@@ -369,6 +374,7 @@ __all__ = [  # noqa: RUF022
     "async_routed_sessionmaker_from_env",
     "backend_from_url",
     "check_if_match",
+    "check_if_none_match",
     "client_ip",
     "conflict_events",
     "diff",

@@ -14,7 +14,7 @@ The tree::
     ├── NotFoundError (LookupError)                  a row, document or job is gone     404
     ├── ConflictError                                optimistic-lock version mismatch    409
     ├── PreconditionError                            HTTP conditional request problems
-    │   ├── PreconditionFailed                       If-Match did not match              412
+    │   ├── PreconditionFailed                       If-(None-)Match did not hold        412
     │   └── PreconditionRequired                     If-Match missing but required       428
     ├── UnsupportedMediaType                         wrong Content-Type for a patch      415
     ├── MalformedBody (ValueError)                   a request body that does not parse  400
@@ -237,23 +237,36 @@ class PreconditionError(HardeningError):
 
 
 class PreconditionFailed(PreconditionError):
-    """``If-Match`` was given but matches no current representation (HTTP 412).
+    """A conditional header's condition does not hold (HTTP 412).
+
+    ``If-Match`` matches no current representation, or ``If-None-Match`` matches the current
+    one on a method that changes it, or either header is malformed.
 
     Args:
-        if_match: the ``If-Match`` header value as received.
+        if_match: the header's value as received (``If-Match``'s, or the one ``header`` names).
         current_etag: the current entity tag, when known.
-        reason: why it failed (e.g. ``"stale"`` or ``"malformed"``).
+        reason: why it failed (``"stale"``, ``"malformed"``; for ``If-None-Match``
+            ``"exists"`` or ``"unchanged"``).
+        header: the header that failed.
     """
 
     http_status = 412
     title = "Precondition failed"
-    _detail_fields: ClassVar[tuple[str, ...]] = ("if_match", "current_etag", "reason")
+    _detail_fields: ClassVar[tuple[str, ...]] = ("if_match", "current_etag", "reason", "header")
 
-    def __init__(self, if_match: str, current_etag: str | None = None, *, reason: str = "stale"):
+    def __init__(
+        self,
+        if_match: str,
+        current_etag: str | None = None,
+        *,
+        reason: str = "stale",
+        header: str = "If-Match",
+    ):
         self.if_match = if_match
         self.current_etag = current_etag
         self.reason = reason
-        super().__init__(f"If-Match {if_match!r} failed ({reason}); current ETag {current_etag}")
+        self.header = header
+        super().__init__(f"{header} {if_match!r} failed ({reason}); current ETag {current_etag}")
 
 
 class PreconditionRequired(PreconditionError):

@@ -20,15 +20,10 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
 from hardening._backoff import Backoff
+from hardening._conditional import check_if_match, check_if_none_match, etag_for, if_match_version
 from hardening._imports import require
 from hardening._sql import sql_unavailable
-from hardening.errors import (
-    ConfigurationError,
-    ConflictError,
-    NotFoundError,
-    PreconditionFailed,
-    PreconditionRequired,
-)
+from hardening.errors import ConfigurationError, ConflictError, NotFoundError
 
 require("sqlalchemy", extra="sqlalchemy", feature="optimistic locking")
 
@@ -50,6 +45,7 @@ __all__ = [
     "Versioned",
     "VersionedSession",
     "check_if_match",
+    "check_if_none_match",
     "conflict_events",
     "etag_for",
     "if_match_version",
@@ -468,115 +464,3 @@ def retry_on_conflict(
         return wrapper
 
     return decorate
-
-
-# --- HTTP: ETag and If-Match (RFC 9110 §8.8.3, §13.1.1; RFC 6585 §3) ---------------------
-
-_ETAG = re.compile(r'\s*(W/)?"([\x21\x23-\x7e\x80-\xff]*)"\s*')
-_MAX_IF_MATCH = 8192
-
-
-def etag_for(version: int) -> str:
-    """The strong entity tag of a version, e.g. ``'"v3"'``.
-
-    Args:
-        version: the row's version.
-
-    Returns:
-        The quoted tag, ready for an ``ETag`` header.
-
-    Raises:
-        ConfigurationError: ``version`` is not a non-negative integer.
-    """
-    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
-        raise ConfigurationError(f"a version is a non-negative integer, not {version!r}")
-    return f'"v{version}"'
-
-
-def _parse_if_match(header: str) -> list[tuple[bool, str]] | None:
-    """Return ``None`` for ``*``, else (weak, opaque-tag) pairs; raise on malformed input."""
-    if len(header) > _MAX_IF_MATCH:
-        raise PreconditionFailed(header[:64] + "...", reason="malformed")
-    if header.strip() == "*":
-        return None
-    tags: list[tuple[bool, str]] = []
-    for part in _split_tags(header):
-        match = _ETAG.fullmatch(part)
-        if match is None:
-            raise PreconditionFailed(header, reason="malformed")
-        tags.append((match.group(1) is not None, match.group(2)))
-    if not tags:
-        raise PreconditionFailed(header, reason="malformed")
-    return tags
-
-
-def _split_tags(header: str) -> list[str]:
-    # commas may appear inside quotes: split only outside them
-    parts: list[str] = []
-    current: list[str] = []
-    quoted = False
-    for char in header:
-        if char == '"':
-            quoted = not quoted
-        if char == "," and not quoted:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    parts.append("".join(current))
-    return [p for p in parts if p.strip()]
-
-
-def check_if_match(header: str | None, current_version: int, *, required: bool = False) -> None:
-    """Enforce ``If-Match`` against the current version (RFC 9110 §13.1.1).
-
-    ``*`` matches (the resource exists); otherwise one of the listed entity tags must equal
-    :func:`etag_for` of ``current_version`` by strong comparison (weak tags never match).
-
-    Args:
-        header: the ``If-Match`` value, or ``None`` when absent.
-        current_version: the resource's current version.
-        required: whether a missing header is an error (RFC 6585 428).
-
-    Raises:
-        PreconditionRequired: the header is missing and ``required`` (HTTP 428).
-        PreconditionFailed: the header is malformed (``reason="malformed"``) or matches no
-            current tag (``reason="stale"``) (HTTP 412).
-    """
-    if header is None or header.strip() == "":
-        if required:
-            raise PreconditionRequired("If-Match")
-        return
-    tags = _parse_if_match(header)
-    if tags is None:
-        return
-    current = etag_for(current_version)[1:-1]
-    if not any(not weak and tag == current for weak, tag in tags):
-        raise PreconditionFailed(header, etag_for(current_version), reason="stale")
-
-
-def if_match_version(header: str | None, *, required: bool = True) -> int | None:
-    """The version an ``If-Match`` header names, to use as a save's base version.
-
-    Args:
-        header: the ``If-Match`` value, or ``None``.
-        required: raise :class:`~hardening.PreconditionRequired` when it is missing.
-
-    Returns:
-        The version, or ``None`` when the header is absent (and not required) or ``*``.
-
-    Raises:
-        PreconditionRequired: missing and required.
-        PreconditionFailed: malformed, weak, several tags, or not a tag made by
-            :func:`etag_for`.
-    """
-    if header is None or header.strip() == "":
-        if required:
-            raise PreconditionRequired("If-Match")
-        return None
-    tags = _parse_if_match(header)
-    if tags is None:
-        return None
-    if len(tags) != 1 or tags[0][0] or not re.fullmatch(r"v(0|[1-9][0-9]{0,17})", tags[0][1]):
-        raise PreconditionFailed(header, reason="malformed")
-    return int(tags[0][1][1:])

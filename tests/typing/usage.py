@@ -94,6 +94,7 @@ from hardening import (
     ConflictError,
     Versioned,
     check_if_match,
+    check_if_none_match,
     etag_for,
     if_match_version,
     on_conflict,
@@ -130,6 +131,8 @@ unsubscribe = on_conflict(broadcast)
 tag: str = etag_for(3)
 check_if_match(tag, 3, required=True)
 base: int | None = if_match_version(tag)
+not_modified: bool = check_if_none_match(tag, 3, method="HEAD")
+create_if_absent: bool = check_if_none_match("*", None, method="PUT")
 
 # --- block differ ------------------------------------------------------------------------
 from sqlalchemy.ext.asyncio import AsyncEngine
