@@ -8,8 +8,11 @@ data or programming error (a bug or a configuration problem, not an outage), and
 :class:`~hardening.HardeningError`.
 
 :func:`unavailable_from` is the decision; :data:`map_outages` (a context manager) and
-:func:`sql_unavailable` (a decorator for functions and coroutine functions) apply it. Nothing
-here imports SQLAlchemy: no SQLAlchemy error can exist before ``sqlalchemy.exc`` is imported.
+:func:`sql_unavailable` (a decorator for functions and coroutine functions) apply it.
+:func:`lost_race` recognises the two errors that mean "this transaction lost a race and is
+worth running again from the start" (serialization failure and deadlock), which the locking
+primitives turn into a :class:`~hardening.ConflictError`. Nothing here imports SQLAlchemy: no
+SQLAlchemy error can exist before ``sqlalchemy.exc`` is imported.
 """
 
 from __future__ import annotations
@@ -29,7 +32,13 @@ from typing import Any, ParamSpec, TypeVar, cast
 
 from hardening.errors import BackendUnavailable, HardeningError
 
-__all__ = ["map_outages", "sql_unavailable", "statement_deadline", "unavailable_from"]
+__all__ = [
+    "lost_race",
+    "map_outages",
+    "sql_unavailable",
+    "statement_deadline",
+    "unavailable_from",
+]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -86,6 +95,32 @@ def _is_outage(exc: Exception, sa_exc: Any) -> bool:
     # (SQLITE_BUSY): the store stayed busy for its whole busy timeout, like a pool timeout.
     code = getattr(orig, "sqlite_errorcode", None)  # Python 3.11+
     return not (isinstance(code, int) and code & 0xFF == _SQLITE_ERROR)
+
+
+# serialization_failure (REPEATABLE READ / SERIALIZABLE lost update, or a read/write
+# dependency cycle) and deadlock_detected: the server rolled the transaction back, and the
+# same work run again from its start may well succeed
+_LOST_RACE = frozenset({"40001", "40P01"})
+
+
+def lost_race(exc: BaseException) -> bool:
+    """Whether ``exc`` is a serialization failure or a deadlock (SQLSTATE 40001, 40P01).
+
+    Either means the database rolled the transaction back because a concurrent one won: the
+    work is worth running again, from the start of a new transaction (the failed one is
+    aborted, so a retry inside it can only fail).
+
+    Args:
+        exc: an exception raised while running SQL: SQLAlchemy's ``DBAPIError`` wrapping a
+            driver error, or a driver error itself (psycopg, psycopg2, asyncpg).
+
+    Returns:
+        ``True`` for those two SQLSTATEs, else ``False``.
+    """
+    sa_exc = sys.modules.get("sqlalchemy.exc")
+    if sa_exc is not None and isinstance(exc, sa_exc.DBAPIError):
+        return _sqlstate(exc.orig) in _LOST_RACE
+    return _sqlstate(exc) in _LOST_RACE
 
 
 def _sqlstate(orig: object) -> str:

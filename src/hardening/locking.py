@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 from hardening._backoff import Backoff
 from hardening._conditional import check_if_match, check_if_none_match, etag_for, if_match_version
 from hardening._imports import require
-from hardening._sql import sql_unavailable
+from hardening._sql import lost_race, sql_unavailable
 from hardening.errors import ConfigurationError, ConflictError, NotFoundError
 
 require("sqlalchemy", extra="sqlalchemy", feature="optimistic locking")
@@ -242,6 +242,16 @@ class _Plan:
         )
         return _report(conflict, metrics, events)
 
+    def lost(self, metrics: Metrics | None, events: ConflictEvents | None) -> ConflictError:
+        """The error for an update whose transaction lost a race (serialization, deadlock).
+
+        The transaction is aborted, so the current version cannot be read in it.
+        """
+        conflict = ConflictError(
+            self.entity, self.pk, expected_version=self.expected, current_version=None
+        )
+        return _report(conflict, metrics, events)
+
     def synchronise(self, executor: object, new_version: int) -> None:
         """Keep a loaded ORM instance in step with the row, without another query."""
         session = executor.sync_session if hasattr(executor, "sync_session") else executor
@@ -292,21 +302,30 @@ def update_versioned(
         The new version (``expected_version + 1``).
 
     Raises:
-        ConflictError: the row is at another version (both versions attached).
+        ConflictError: the row is at another version (both versions attached); or, under
+            ``REPEATABLE READ``/``SERIALIZABLE``, the database refused the update as a
+            serialization failure or a deadlock (SQLSTATE 40001/40P01; ``current_version`` is
+            ``None``, the driver's error is its ``__cause__``): the transaction is aborted, roll
+            it back and run it again (:func:`retry_on_conflict` does).
         NotFoundError: the row does not exist.
         ConfigurationError: the model, key or values are not usable.
         BackendUnavailable: the database could not be reached or timed out (the caller's
             transaction is then the caller's to roll back).
     """
     plan = _Plan(model, pk, expected_version, values)
-    if _returning(session):
-        new = session.execute(plan.update(True), plan.params).scalar_one_or_none()
-    else:
-        result = cast(sa.CursorResult[Any], session.execute(plan.update(False), plan.params))
-        new = expected_version + 1 if result.rowcount == 1 else None
-    if new is None:
-        current = session.execute(plan.current(), plan.key_params).scalar_one_or_none()
-        raise plan.failure(current, metrics, events)
+    try:
+        if _returning(session):
+            new = session.execute(plan.update(True), plan.params).scalar_one_or_none()
+        else:
+            result = cast(sa.CursorResult[Any], session.execute(plan.update(False), plan.params))
+            new = expected_version + 1 if result.rowcount == 1 else None
+        if new is None:
+            current = session.execute(plan.current(), plan.key_params).scalar_one_or_none()
+            raise plan.failure(current, metrics, events)
+    except sa.exc.DBAPIError as exc:
+        if not lost_race(exc):
+            raise
+        raise plan.lost(metrics, events) from exc
     plan.synchronise(session, new)
     return int(new)
 
@@ -337,21 +356,27 @@ async def update_versioned_async(
         The new version.
 
     Raises:
-        ConflictError: the row is at another version.
+        ConflictError: the row is at another version, or the transaction lost a race
+            (serialization failure or deadlock; see :func:`update_versioned`).
         NotFoundError: the row does not exist.
         ConfigurationError: the model, key or values are not usable.
         BackendUnavailable: the database could not be reached or timed out (the caller's
             transaction is then the caller's to roll back).
     """
     plan = _Plan(model, pk, expected_version, values)
-    if _returning(session):
-        new = (await session.execute(plan.update(True), plan.params)).scalar_one_or_none()
-    else:
-        result = await session.execute(plan.update(False), plan.params)
-        new = expected_version + 1 if result.rowcount == 1 else None
-    if new is None:
-        current = (await session.execute(plan.current(), plan.key_params)).scalar_one_or_none()
-        raise plan.failure(current, metrics, events)
+    try:
+        if _returning(session):
+            new = (await session.execute(plan.update(True), plan.params)).scalar_one_or_none()
+        else:
+            result = await session.execute(plan.update(False), plan.params)
+            new = expected_version + 1 if result.rowcount == 1 else None
+        if new is None:
+            current = (await session.execute(plan.current(), plan.key_params)).scalar_one_or_none()
+            raise plan.failure(current, metrics, events)
+    except sa.exc.DBAPIError as exc:
+        if not lost_race(exc):
+            raise
+        raise plan.lost(metrics, events) from exc
     plan.synchronise(session, new)
     return int(new)
 
@@ -361,47 +386,139 @@ class VersionedSession(Session):
 
     SQLAlchemy raises ``StaleDataError`` when a flush of a versioned row updates nothing;
     this session raises our ``ConflictError`` (``from`` the original) naming the entity, its
-    key and the version the session held. Use it as ``sessionmaker(engine,
+    key, the version the session held and the row's current version (one primary-key
+    ``SELECT`` on the session's connection, on the failure path only; ``None`` if the row is
+    gone). Under ``REPEATABLE READ``/``SERIALIZABLE`` the database refuses such a flush itself
+    (a serialization failure, or a deadlock): that is a ``ConflictError`` too, with
+    ``current_version=None`` (the transaction is aborted). Use it as ``sessionmaker(engine,
     class_=VersionedSession)``, or ``async_sessionmaker(engine,
     sync_session_class=VersionedSession)`` for asyncio.
     """
 
     def flush(self, objects: Any = None) -> None:
-        """Flush, turning a stale versioned update into a ``ConflictError``."""
-        held = [_held_version(obj) for obj in self.dirty]
+        """Flush, turning a stale versioned update (or a lost race) into a ``ConflictError``."""
+        held = [h for h in map(_held_version, [*self.dirty, *self.deleted]) if h is not None]
+        # the connection the flush will use, taken now: after a failed flush the session
+        # refuses to hand it out until rolled back, and a second one could wait for the pool
+        connection = self.connection(bind_arguments={"mapper": held[0].mapper}) if held else None
         try:
             super().flush(objects)
         except StaleDataError as exc:
-            raise _stale_to_conflict(exc, [h for h in held if h is not None]) from exc
+            raise _stale_to_conflict(exc, held, connection) from exc
+        except sa.exc.DBAPIError as exc:
+            if not lost_race(exc):
+                raise
+            candidates = _candidates(held, _table_of(exc.statement or ""))
+            only = candidates[0] if len(candidates) == 1 else None
+            raise _report(
+                _conflict(only, None, _table_of(exc.statement or "")), None, None
+            ) from exc
 
 
-def _held_version(obj: object) -> tuple[str, object, int | None] | None:
-    """(entity, key, version this session holds) of a versioned instance, read without I/O."""
+class _Held:
+    """A versioned instance as the session holds it before a flush, read without I/O."""
+
+    __slots__ = ("entity", "identity", "key", "mapper", "table", "version")
+
+    def __init__(self, mapper: Any, identity: tuple[Any, ...], version: int | None) -> None:
+        self.mapper = mapper
+        self.entity: str = mapper.class_.__name__
+        self.table: str = mapper.version_id_col.table.name
+        self.identity = identity
+        self.key = identity[0] if len(identity) == 1 else identity
+        self.version = version
+
+
+def _held_version(obj: object) -> _Held | None:
     state = sa.inspect(obj)
     mapper = state.mapper
-    if mapper.version_id_col is None:
+    if mapper.version_id_col is None or not state.identity:  # new rows are not checked
         return None
-    identity = state.identity
-    key = identity[0] if identity and len(identity) == 1 else identity
     version_key = mapper.get_property_by_column(mapper.version_id_col).key
-    return mapper.class_.__name__, key, state.dict.get(version_key)
+    return _Held(mapper, state.identity, state.dict.get(version_key))
+
+
+_STALE_TABLE = re.compile(r"on table '([^']+)'")  # SQLAlchemy's StaleDataError message
+_STATEMENT_TABLE = re.compile(r'\s*(?:UPDATE|DELETE\s+FROM)\s+"?([\w.$]+)', re.IGNORECASE)
+_MAX_LOOKUPS = 10  # rows read to find the stale one among several in one flush
+
+
+def _table_of(text: str) -> str | None:
+    """The table a StaleDataError message, or a failed UPDATE/DELETE statement, is about."""
+    found = _STALE_TABLE.search(text) or _STATEMENT_TABLE.match(text)
+    return found.group(1).rsplit(".", 1)[-1] if found else None
+
+
+def _candidates(held: list[_Held], table: str | None) -> list[_Held]:
+    """The held instances the failing statement could be about (its table's, if known)."""
+    matching = [h for h in held if h.table == table]
+    return matching or (held if table is None else [])
+
+
+def _conflict(held: _Held | None, current: int | None, table: str | None) -> ConflictError:
+    if held is None:
+        return ConflictError(table or "row", None, expected_version=None, current_version=None)
+    return ConflictError(
+        held.entity, held.key, expected_version=held.version, current_version=current
+    )
 
 
 def _stale_to_conflict(
-    exc: StaleDataError, held: list[tuple[str, object, int | None]]
+    exc: StaleDataError, held: list[_Held], connection: sa.Connection | None
 ) -> ConflictError:
-    if len(held) == 1:  # the only versioned row in the flush is the stale one
-        entity, key, version = held[0]
-    else:
-        table = re.search(r"on table '([^']+)'", str(exc))
-        entity, key, version = (table.group(1) if table else "row"), None, None
-    error = ConflictError(entity, key, expected_version=version, current_version=None)
-    return _report(error, None, None)
+    """The conflict a stale flush stands for, with the row's current version read back."""
+    table = _table_of(str(exc))
+    candidates = _candidates(held, table)
+    stale: _Held | None = candidates[0] if len(candidates) == 1 else None
+    current = None
+    if connection is not None and candidates:
+        found = _current_versions(connection, candidates[:_MAX_LOOKUPS])
+        if stale is None:  # several rows of that table: the stale one is the one that moved
+            stale = next((h for h in candidates if found.get(id(h)) != h.version), None)
+        current = found.get(id(stale)) if stale is not None else None
+    return _report(_conflict(stale, current, table), None, None)
+
+
+def _current_versions(connection: sa.Connection, held: list[_Held]) -> dict[int, int | None]:
+    """Each held row's version now (``None``: gone), read on the flush's own connection.
+
+    The failed flush rolled its transaction back (unless it was a savepoint's): the reads
+    then run in a transaction of their own, rolled back at once, leaving the connection as
+    the flush left it. A failing read leaves the versions unknown; the conflict is raised
+    either way.
+    """
+    began = not connection.in_transaction()
+    versions: dict[int, int | None] = {}
+    try:
+        for row in held:
+            mapper = row.mapper
+            query = sa.select(mapper.version_id_col).where(
+                *(col == value for col, value in zip(mapper.primary_key, row.identity, strict=True))
+            )
+            versions[id(row)] = connection.execute(query).scalar_one_or_none()
+    except sa.exc.SQLAlchemyError:
+        logger.debug("could not read the current version after a stale flush", exc_info=True)
+    finally:
+        if began and connection.in_transaction():
+            connection.rollback()
+    return versions
 
 
 # --- retries -----------------------------------------------------------------------------
 
 _CONFLICT_BACKOFF = Backoff(base=0.01, cap=0.5)
+
+
+def _lost(exc: Exception) -> bool:
+    """Whether ``exc`` means the function lost a race (and is worth calling again)."""
+    return isinstance(exc, ConflictError) or lost_race(exc)
+
+
+def _race_conflict(exc: Exception) -> ConflictError | None:
+    """The ``ConflictError`` a raw serialization failure or deadlock stands for, else None."""
+    if isinstance(exc, ConflictError) or not lost_race(exc):
+        return None
+    return ConflictError("transaction", None, expected_version=None, current_version=None)
 
 
 def retry_on_conflict(
@@ -415,8 +532,12 @@ def retry_on_conflict(
     """Retry a read-modify-write function when it loses a race.
 
     The decorated function must re-read what it changes on each call (it is simply called
-    again); between attempts it waits an exponential backoff with full jitter. When attempts
-    run out, the last :class:`~hardening.ConflictError` is raised.
+    again, so it should open its own transaction); between attempts it waits an exponential
+    backoff with full jitter. A race lost is a :class:`~hardening.ConflictError`, or a
+    database's serialization failure or deadlock (SQLSTATE 40001/40P01, raised by any
+    statement or by the commit under ``REPEATABLE READ``/``SERIALIZABLE``). When attempts run
+    out, the last ``ConflictError`` is raised; a last serialization failure or deadlock is
+    raised as a ``ConflictError`` (entity ``"transaction"``) from the driver's error.
 
     Args:
         attempts: total calls, at least 1.
@@ -446,9 +567,17 @@ def retry_on_conflict(
                 for attempt in range(1, attempts):
                     try:
                         return await afunc(*args, **kwargs)
-                    except ConflictError:
+                    except Exception as exc:
+                        if not _lost(exc):
+                            raise
                         await do_async_sleep(policy.delay(attempt, rng))
-                return await afunc(*args, **kwargs)  # the last attempt's conflict propagates
+                try:
+                    return await afunc(*args, **kwargs)
+                except Exception as exc:  # the last attempt's conflict propagates
+                    conflict = _race_conflict(exc)
+                    if conflict is None:
+                        raise
+                    raise conflict from exc
 
             return cast(Callable[P, R], async_wrapper)
 
@@ -457,9 +586,17 @@ def retry_on_conflict(
             for attempt in range(1, attempts):
                 try:
                     return func(*args, **kwargs)
-                except ConflictError:
+                except Exception as exc:
+                    if not _lost(exc):
+                        raise
                     do_sleep(policy.delay(attempt, rng))
-            return func(*args, **kwargs)  # the last attempt's conflict propagates
+            try:
+                return func(*args, **kwargs)
+            except Exception as exc:  # the last attempt's conflict propagates
+                conflict = _race_conflict(exc)
+                if conflict is None:
+                    raise
+                raise conflict from exc
 
         return wrapper
 
