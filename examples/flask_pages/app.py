@@ -243,10 +243,9 @@ def register_routes(app: Flask, store: PageStore) -> None:
 
     @app.patch("/pages/<page_id>")
     def patch_page(page_id: str) -> Response:
+        # If-Match: * gives None: the patch applies to whatever version is current, atomically
         base = if_match_version(request.headers.get("If-Match"), required=True)
         ops = parse_patch_body(request.get_data(), request.headers.get("Content-Type"))
-        if base is None:  # If-Match: * — patch whatever is current
-            base = store.get(page_id).version
         full = "return=representation" in request.headers.get("Prefer", "")
         return _saved_response(store.patch(page_id, ops, base, full=full))
 
@@ -254,8 +253,6 @@ def register_routes(app: Flask, store: PageStore) -> None:
     def put_page(page_id: str) -> Response:
         base = if_match_version(request.headers.get("If-Match"), required=True)
         blocks = check_blocks(_blocks_body())
-        if base is None:
-            base = store.get(page_id).version
         return _saved_response(store.replace(page_id, blocks, base))
 
     @app.get("/pages/<page_id>/versions/<int:number>")

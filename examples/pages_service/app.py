@@ -34,7 +34,14 @@ from examples.pages_service.store import (
     make_engine,
     window_limit,
 )
-from hardening import AsyncRateLimiter, MalformedBody, Metrics, etag_for, if_match_version
+from hardening import (
+    AsyncRateLimiter,
+    MalformedBody,
+    Metrics,
+    check_if_none_match,
+    etag_for,
+    if_match_version,
+)
 from hardening.adapters import (
     parse_json_body,
     parse_patch_body,
@@ -96,16 +103,15 @@ def build_routes(store: PageStore) -> list[Route]:
             return JSONResponse(window, headers={"ETag": etag_for(version)})
         head, body = await run_in_threadpool(store.get_json, request.path_params["page_id"])
         etag = etag_for(head)
-        if request.headers.get("if-none-match") == etag:
+        if check_if_none_match(request.headers.get("if-none-match"), head):  # weak comparison
             return Response(status_code=304, headers={"ETag": etag})
         return Response(body, media_type="application/json", headers={"ETag": etag})
 
     async def patch_page(request: Request) -> Response:
+        # If-Match: * gives None: the patch applies to whatever version is current, atomically
         base = if_match_version(request.headers.get("if-match"), required=True)
         ops = parse_patch_body(await request.body(), request.headers.get("content-type"))
         page_id = request.path_params["page_id"]
-        if base is None:  # If-Match: * — patch whatever is current
-            base = (await run_in_threadpool(store.get, page_id)).version
         full = "return=representation" in request.headers.get("prefer", "")
         page = await run_in_threadpool(
             functools.partial(store.patch, page_id, ops, base, full=full)
@@ -119,8 +125,6 @@ def build_routes(store: PageStore) -> list[Route]:
             raise MalformedBody('expected {"blocks": [...]}')
         blocks = check_blocks(body["blocks"])
         page_id = request.path_params["page_id"]
-        if base is None:
-            base = (await run_in_threadpool(store.get, page_id)).version
         page = await run_in_threadpool(store.replace, page_id, blocks, base)
         return _saved_response(request, page)
 

@@ -355,16 +355,20 @@ class PageStore:
             "next_after": window.next_after,
         }
 
-    def patch(self, page_id: str, ops: list[Any], base_version: int, *, full: bool = False) -> Page:
+    def patch(
+        self, page_id: str, ops: list[Any], base_version: int | None, *, full: bool = False
+    ) -> Page:
         """Apply a JSON Patch written against ``base_version``; enqueue indexing; commit.
 
         Only the blocks the patch names are read, checked and written, so a save costs the
         size of the edit; the page is read whole only for ``full`` (``Prefer:
-        return=representation``).
+        return=representation``). ``base_version=None`` (``If-Match: *``) applies the patch
+        to the head, whatever its version, atomically.
 
         Raises:
             NotFoundError: no such page (404).
             PreconditionFailed: ``base_version`` is not the current version (412).
+            ConflictError: the save lost a race the database settled (409; retry it).
             PatchError: the patch is invalid, does not apply, or leaves an invalid block
                 (422/409/413).
         """
@@ -372,28 +376,36 @@ class PageStore:
             try:
                 saved = self.history.apply(page_id, ops, base_version=base_version, session=session)
             except ConflictError as exc:
+                if base_version is None or exc.current_version is None:
+                    raise  # If-Match: *, or a race the database settled: 409, retry it
                 raise _stale(base_version, exc.current_version) from exc
             self._after_save(page_id, saved, session)
             loaded = self.history.load(page_id, session=session) if full else None
         return Page(page_id, saved.version, None if loaded is None else loaded.content)  # type: ignore[arg-type]
 
-    def replace(self, page_id: str, blocks: object, base_version: int) -> Page:
+    def replace(self, page_id: str, blocks: object, base_version: int | None) -> Page:
         """Save a whole block list (for clients that cannot diff), stored as a patch.
 
         The server diffs the current blocks against the new ones with ``diff_blocks`` and
         saves that patch, so the history stays a chain of small patches.
+        ``base_version=None`` (``If-Match: *``) replaces whatever version is current; a save
+        landing between the read and the write is then a 409 (retry it).
         """
         checked = check_blocks(blocks)
         with Session(self.engine) as session, session.begin():
             current = self.history.load(page_id, session=session)
-            if current.version != base_version:
+            if base_version is not None and current.version != base_version:
                 raise _stale(base_version, current.version)
             ops = diff_blocks(check_blocks(current.content), checked, guards=True)
             if not ops:
                 return Page(page_id, current.version, checked)
             try:
-                saved = self.history.apply(page_id, ops, base_version=base_version, session=session)
+                saved = self.history.apply(
+                    page_id, ops, base_version=current.version, session=session
+                )
             except ConflictError as exc:
+                if base_version is None or exc.current_version is None:
+                    raise  # If-Match: *, or a race the database settled: 409, retry it
                 raise _stale(base_version, exc.current_version) from exc
             self._after_save(page_id, saved, session)
         return Page(page_id, saved.version, checked)
@@ -450,10 +462,9 @@ class PageStore:
         self.indexer.close()
 
 
-def _stale(base_version: int, current: int | None) -> PreconditionFailed:
-    return PreconditionFailed(
-        etag_for(base_version), etag_for(current) if current is not None else None
-    )
+def _stale(base_version: int, current: int) -> PreconditionFailed:
+    """The client's ``If-Match`` named ``base_version``, but the page is at ``current``."""
+    return PreconditionFailed(etag_for(base_version), etag_for(current))
 
 
 class IndexWorker(QueueProcessor):

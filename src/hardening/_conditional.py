@@ -116,12 +116,17 @@ def check_if_match(header: str | None, current_version: int, *, required: bool =
 def if_match_version(header: str | None, *, required: bool = True) -> int | None:
     """The version an ``If-Match`` header names, to use as a save's base version.
 
+    ``None`` means "no particular version": pass it on as ``base_version=None``, which the
+    histories (:meth:`~hardening.DocumentHistory.save`, :meth:`~hardening.BlockHistory.apply`)
+    read as "apply to the head as it is, atomically".
+
     Args:
         header: the ``If-Match`` value, or ``None``.
         required: raise :class:`~hardening.PreconditionRequired` when it is missing.
 
     Returns:
-        The version, or ``None`` when the header is absent (and not required) or ``*``.
+        The version; ``None`` for ``*`` (any current version) or, when not ``required``, for
+        a missing header (an unconditional request).
 
     Raises:
         PreconditionRequired: missing and required.

@@ -300,6 +300,11 @@ async def test_debounced_client_sends_one_patch(sqlite_engine: sa.Engine) -> Non
 # --- real servers ---------------------------------------------------------------------------
 
 
+def _pythonpath() -> list[str]:
+    inherited = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    return [str(ROOT), *(os.path.abspath(path) for path in inherited if path)]
+
+
 @contextlib.contextmanager
 def serve(command: list[str], env: dict[str, str], port: int, cwd: Path) -> Iterator[str]:
     """Run a server command until its /healthz answers; stop it (SIGINT) afterwards."""
@@ -308,7 +313,8 @@ def serve(command: list[str], env: dict[str, str], port: int, cwd: Path) -> Iter
         process = subprocess.Popen(
             command,
             cwd=cwd,
-            env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
+            # the caller's PYTHONPATH stays after ROOT: a worktree's src/ over an installed copy
+            env={**os.environ, **env, "PYTHONPATH": os.pathsep.join(_pythonpath())},
             stdout=output,
             stderr=subprocess.STDOUT,
         )

@@ -54,14 +54,22 @@ from hardening.blocks._pages import (  # noqa: E402
 from hardening.blocks.history import (  # noqa: E402
     ConflictPolicy,
     DocumentVersion,
+    _check_base,
     _check_id,
     _check_version,
     _exists,
     _HistoryBase,
     _not_found,
     _SyncDriver,
+    aborted,
 )
-from hardening.blocks.patch import DEFAULT_LIMITS, PatchLimits, _checked, patch_size  # noqa: E402
+from hardening.blocks.patch import (  # noqa: E402
+    DEFAULT_LIMITS,
+    PatchLimits,
+    _checked,
+    _Op,
+    patch_size,
+)
 from hardening.blocks.policy import SnapshotPolicy, compaction_floor  # noqa: E402
 from hardening.blocks.rebase import merge_patch  # noqa: E402
 from hardening.errors import ConfigurationError, ConflictError, MalformedBody, NotFoundError  # noqa: E402
@@ -141,8 +149,10 @@ def _select_head(doc_id: str) -> sa.Select[Any]:
     ).where(h.id == doc_id)
 
 
-def _head(db: Executor, doc_id: str) -> _Head:
-    row = db.execute(_select_head(doc_id)).first()
+def _head(db: Executor, doc_id: str, *, lock: bool = False) -> _Head:
+    """The head row; ``lock``: held (``FOR UPDATE``) until the transaction ends."""
+    query = _select_head(doc_id)
+    row = db.execute(query.with_for_update() if lock else query).first()
     if row is None:
         raise _not_found(doc_id)
     return _Head(*row)
@@ -184,7 +194,9 @@ class BlockHistory(_SyncDriver, _HistoryBase):
         blocks_key: in a document that is an object, the member holding its blocks (the
             other members are stored beside, in the head row).
         metrics: a registry for ``patch_applied`` and conflicts.
-        retries: with a merging policy, how often a save that lost the race re-merges.
+        retries: with a merging policy (or ``base_version=None``), how often a save that
+            lost the race re-merges; and how often a transaction of its own that the database
+            aborted as a lost race is run again (as in ``DocumentHistory``).
         check_block: called with every block ``create`` or a save writes, before it is
             stored: your schema of a block (raise a :class:`~hardening.PatchError` or a
             :class:`~hardening.MalformedBody` to refuse; nothing is written). Only the blocks a
@@ -268,7 +280,8 @@ class BlockHistory(_SyncDriver, _HistoryBase):
         )
         text = dump_json(content)
         rows, total = rows_for(doc_id, page.items, self.id_key)
-        with self._transaction(session) as db:
+
+        def insert(db: Executor) -> int:
             if db.execute(sa.select(_heads.c.version).where(_heads.c.id == doc_id)).first():
                 raise _exists(doc_id)
             try:
@@ -293,10 +306,17 @@ class BlockHistory(_SyncDriver, _HistoryBase):
                     document_id=doc_id, version=1, content=text, size_bytes=len(text.encode())
                 )
             )
-        return 1
+            return 1
+
+        return self._run(session, insert, doc_id=doc_id, base_version=None)
 
     def save(
-        self, doc_id: str, patch: object, *, base_version: int, session: Executor | None = None
+        self,
+        doc_id: str,
+        patch: object,
+        *,
+        base_version: int | None,
+        session: Executor | None = None,
     ) -> int:
         """Apply a patch written against ``base_version``; return the new version.
 
@@ -306,19 +326,28 @@ class BlockHistory(_SyncDriver, _HistoryBase):
 
     @sql_unavailable
     def apply(
-        self, doc_id: str, patch: object, *, base_version: int, session: Executor | None = None
+        self,
+        doc_id: str,
+        patch: object,
+        *,
+        base_version: int | None,
+        session: Executor | None = None,
     ) -> BlockSave:
         """Apply a patch written against ``base_version``, touching only the rows it names.
 
         In one transaction (a savepoint inside ``session``'s): bump the head's version with
         :func:`~hardening.update_versioned` (a concurrent save can never be lost), apply the
         patch to the block rows, update the head's counts and write the patch row. A refused
-        patch writes nothing.
+        patch writes nothing. ``base_version=None`` applies the patch to the head as it is,
+        atomically (the head row read locked), as :meth:`DocumentHistory.save` does; a
+        transaction the database aborts as a lost race is run again, or raised as a
+        ``ConflictError`` in ``session``, as there.
 
         Args:
             doc_id: the page's id.
             patch: the JSON Patch, as received (validated here).
-            base_version: the version it was written against (``If-Match``).
+            base_version: the version it was written against (``If-Match``), or ``None``:
+                the head.
             session: run in this ``Session``/``Connection``'s transaction (not committed).
 
         Returns:
@@ -327,84 +356,105 @@ class BlockHistory(_SyncDriver, _HistoryBase):
         Raises:
             NotFoundError: no such page (404).
             ConflictError: ``base_version`` is not the head's under ``"reject"``, or no longer
-                kept, or the race for the head was lost ``retries`` times (409).
+                kept, or the race for the head was lost ``retries`` times, or the database
+                aborted the transaction as a lost race (409).
             PatchConflict: the patch clashes with a concurrent edit (``"rebase"``; 409).
             PatchError: the patch is invalid, too large or does not apply (422/413/409).
             BackendUnavailable: the database could not be reached or timed out (503).
         """
         doc_id = _check_id(doc_id)
-        if type(base_version) is not int:
-            raise ConfigurationError(f"base_version must be an int, not {base_version!r}")
+        _check_base(base_version)
         incoming = _checked(patch, self.limits)[1]  # validated and parsed once
+        done, operations, size, total = self._run(
+            session,
+            lambda db: self._apply_in(db, doc_id, incoming, base_version),
+            doc_id=doc_id,
+            base_version=base_version,
+            unit=self._apply_unit,
+        )
+        if self.metrics is not None:  # once committed
+            self.metrics.patch_applied(operations, size, total)
+        return done
+
+    def _apply_in(
+        self, db: Executor, doc_id: str, incoming: list[_Op], base_version: int | None
+    ) -> tuple[BlockSave, int, int, int]:
+        """One attempt at a save in ``db``'s transaction.
+
+        Returns:
+            What it did, and for the metrics: the operations and bytes stored, the blocks.
+        """
         raw = [op.raw for op in incoming]
-        with self._transaction(session) as outer, self._savepoint(outer, session) as db:
-            attempt = 0
-            while True:
-                head = _head(db, doc_id)
-                merging = base_version != head.version
-                if merging and (self.conflict == "reject" or not 1 <= base_version < head.version):
-                    raise self._stale(doc_id, head.version, base_version)
-                try:
-                    version = update_versioned(
-                        db, BlockDocument, doc_id, head.version, {}, metrics=self.metrics
-                    )
-                    break
-                except ConflictError:
-                    if not self._retry(attempt):
-                        raise
-                    attempt += 1
-            page = self._rows(db, doc_id, head)
-            stored = raw
-            if merging:  # the head is ours now: merge against it
-                try:
-                    base = self._rebuild(db, doc_id, base_version)
-                except NotFoundError:  # compacted away: nothing to merge against
-                    raise self._stale(doc_id, head.version, base_version) from None
-                _, stored = merge_patch(
-                    raw,
-                    base=base,
-                    head=join_document(page.blocks(), head.members(), self.blocks_key),
-                    id_key=self.id_key,
-                    limits=self.limits,
-                    prefer_patch=self.conflict == "last-write-wins",
+        attempt = 0
+        while True:
+            head = _head(db, doc_id, lock=base_version is None)
+            merging = base_version is not None and base_version != head.version
+            if (
+                base_version is not None
+                and merging
+                and (self.conflict == "reject" or not 1 <= base_version < head.version)
+            ):
+                raise self._stale(doc_id, head.version, base_version)
+            try:
+                version = update_versioned(
+                    db, BlockDocument, doc_id, head.version, {}, metrics=self.metrics
                 )
-            ops = _checked(stored, None, trusted=True)[1] if merging else incoming
-            changes = apply_to_page(
-                page,
-                ops,
+                break
+            except ConflictError as exc:
+                if aborted(exc) or not self._retry(attempt, base_version):
+                    raise
+                attempt += 1
+        page = self._rows(db, doc_id, head)
+        stored = raw
+        if base_version is not None and merging:  # the head is ours now: merge against it
+            try:
+                base = self._rebuild(db, doc_id, base_version)
+            except NotFoundError:  # compacted away: nothing to merge against
+                raise self._stale(doc_id, head.version, base_version) from None
+            _, stored = merge_patch(
+                raw,
+                base=base,
+                head=join_document(page.blocks(), head.members(), self.blocks_key),
                 id_key=self.id_key,
                 limits=self.limits,
-                meta=head.members(),
-                blocks_key=self.blocks_key,
-                check=self.check_block,
+                prefer_patch=self.conflict == "last-write-wins",
             )
-            size = patch_size(stored)
-            patches = head.patches_since + 1
-            patch_bytes = head.patch_bytes_since + size
-            counts: dict[str, object] = {
-                "block_count": page.total,
-                "blocks_bytes": page.blocks_bytes,
-                "patches_since_snapshot": patches,
-                "patch_bytes_since_snapshot": patch_bytes,
-            }
-            if changes.meta_changed:
-                counts["meta"] = None if changes.meta is None else dump_json(changes.meta)
-            db.execute(sa.update(_heads).where(_heads.c.id == doc_id).values(counts))
-            db.execute(
-                sa.insert(block_patches).values(
-                    document_id=doc_id,
-                    version=version,
-                    patch=dump_json(stored),
-                    operations=len(stored),
-                    size_bytes=size,
-                )
+        ops = _checked(stored, None, trusted=True)[1] if merging else incoming
+        changes = apply_to_page(
+            page,
+            ops,
+            id_key=self.id_key,
+            limits=self.limits,
+            meta=head.members(),
+            blocks_key=self.blocks_key,
+            check=self.check_block,
+        )
+        size = patch_size(stored)
+        patches = head.patches_since + 1
+        patch_bytes = head.patch_bytes_since + size
+        counts: dict[str, object] = {
+            "block_count": page.total,
+            "blocks_bytes": page.blocks_bytes,
+            "patches_since_snapshot": patches,
+            "patch_bytes_since_snapshot": patch_bytes,
+        }
+        if changes.meta_changed:
+            counts["meta"] = None if changes.meta is None else dump_json(changes.meta)
+        db.execute(sa.update(_heads).where(_heads.c.id == doc_id).values(counts))
+        db.execute(
+            sa.insert(block_patches).values(
+                document_id=doc_id,
+                version=version,
+                patch=dump_json(stored),
+                operations=len(stored),
+                size_bytes=size,
             )
-        if self.metrics is not None:
-            self.metrics.patch_applied(len(stored), size, page.total)
+        )
         due = self.snapshots.due(
             patches=patches, patch_bytes=patch_bytes, snapshot_bytes=head.snapshot_bytes
         )
-        return BlockSave(version, frozenset(changes.changed), frozenset(changes.removed), due)
+        done = BlockSave(version, frozenset(changes.changed), frozenset(changes.removed), due)
+        return done, len(stored), size, page.total
 
     @sql_unavailable
     def load(
@@ -729,6 +779,12 @@ class BlockHistory(_SyncDriver, _HistoryBase):
                 page, ops, id_key=self.id_key, limits=None, meta=meta, blocks_key=self.blocks_key
             ).meta
         return join_document(page.items, meta, self.blocks_key)
+
+    @contextmanager
+    def _apply_unit(self, session: Executor | None) -> Iterator[Executor]:
+        """A save's transaction: our own, or a savepoint inside the caller's."""
+        with self._transaction(session) as outer, self._savepoint(outer, session) as db:
+            yield db
 
     @contextmanager
     def _savepoint(self, db: Executor, session: Executor | None) -> Iterator[Executor]:

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 from hardening._imports import require
-from hardening._sql import sql_unavailable
+from hardening._sql import lost_race, sql_unavailable
 from hardening.blocks._json import storable
 from hardening.blocks.patch import (
     DEFAULT_LIMITS,
@@ -66,6 +66,7 @@ __all__ = [
     "HistoryBase",
 ]
 
+T = TypeVar("T")
 ConflictPolicy = Literal["reject", "rebase", "last-write-wins"]
 Executor = Session | sa.Connection
 _CONFLICT_POLICIES = ("reject", "rebase", "last-write-wins")
@@ -162,15 +163,17 @@ def _select_version(doc_id: str) -> sa.Select[Any]:
     return sa.select(_documents.c.version).where(_documents.c.id == doc_id)
 
 
-def _select_head(doc_id: str) -> sa.Select[Any]:
+def _select_head(doc_id: str, *, lock: bool = False) -> sa.Select[Any]:
+    """The head row; ``lock``: held (``FOR UPDATE``) until the transaction ends."""
     columns = _documents.c
-    return sa.select(
+    query = sa.select(
         columns.version,
         columns.content,
         columns.snapshot_bytes,
         columns.patches_since_snapshot,
         columns.patch_bytes_since_snapshot,
     ).where(columns.id == doc_id)
+    return query.with_for_update() if lock else query
 
 
 def _head(row: Any, doc_id: str) -> _Head:
@@ -294,6 +297,32 @@ def _check_version(doc_id: str, version: int, head_version: int | None) -> None:
         raise NotFoundError("DocumentVersion", (doc_id, version))
 
 
+def _check_base(base_version: object) -> None:
+    if base_version is not None and type(base_version) is not int:
+        raise ConfigurationError(f"base_version must be an int or None, not {base_version!r}")
+
+
+def aborted(conflict: ConflictError) -> bool:
+    """Whether ``conflict`` is a lost race that aborted its transaction (40001, 40P01)."""
+    return conflict.__cause__ is not None and lost_race(conflict.__cause__)
+
+
+def _race_conflict(
+    exc: Exception, doc_id: str, base_version: int | None, metrics: Metrics | None
+) -> ConflictError | None:
+    """The conflict a serialization failure or deadlock stands for (``None``: not one).
+
+    Raised inside ``update_versioned`` it is already a ``ConflictError`` (from the driver's
+    error); raised by another statement or by the commit, it becomes one here.
+    """
+    if isinstance(exc, ConflictError):
+        return exc if aborted(exc) else None
+    if not lost_race(exc):
+        return None
+    error = ConflictError("Document", doc_id, expected_version=base_version, current_version=None)
+    return _report(error, metrics, None)
+
+
 def _check_id(doc_id: object) -> str:
     """A document id that could exist; else the document is simply not found (404).
 
@@ -345,14 +374,13 @@ class _HistoryBase:
         _Checker(limits).value(content, 0, None, None)  # a document may outweigh a patch
         return _json_size(content)
 
-    def _incoming(self, patch: object, base_version: int) -> list[dict[str, object]]:
-        if type(base_version) is not int:
-            raise ConfigurationError(f"base_version must be an int, not {base_version!r}")
+    def _incoming(self, patch: object, base_version: int | None) -> list[dict[str, object]]:
+        _check_base(base_version)
         return validate_patch(patch, limits=self.limits)
 
-    def _needs_base(self, doc_id: str, head: _Head, base_version: int) -> bool:
+    def _needs_base(self, doc_id: str, head: _Head, base_version: int | None) -> bool:
         """Whether the save must merge against ``base_version`` (else it applies to head)."""
-        if base_version == head.version:
+        if base_version is None or base_version == head.version:
             return False
         if self.conflict == "reject" or not 1 <= base_version < head.version:
             raise self._stale(doc_id, head.version, base_version)
@@ -399,9 +427,13 @@ class _HistoryBase:
         }
         return _Save(content, stored, size, values, None)
 
-    def _retry(self, attempt: int) -> bool:
-        """Whether a save that lost the race for the head row should try again."""
-        return self.conflict != "reject" and attempt < self.retries
+    def _retry(self, attempt: int, base_version: int | None) -> bool:
+        """Whether a save that lost the race for the head row should read it again.
+
+        A save with a base re-merges (merging policies only; ``"reject"`` refuses the stale
+        base); one without applies to whatever the head now is.
+        """
+        return (base_version is None or self.conflict != "reject") and attempt < self.retries
 
     def _saved(self, save: _Save) -> None:
         if self.metrics is not None:
@@ -415,6 +447,40 @@ class _SyncDriver:
     """The blocking histories' engine and transaction plumbing (Document- and BlockHistory)."""
 
     engine: sa.Engine | None
+    retries: int
+    metrics: Metrics | None
+
+    def _run(
+        self,
+        session: Executor | None,
+        work: Callable[[Executor], T],
+        *,
+        doc_id: str,
+        base_version: int | None,
+        unit: Callable[[Executor | None], AbstractContextManager[Executor]] | None = None,
+    ) -> T:
+        """``work`` in a transaction; rerun from the start when the transaction loses a race.
+
+        A serialization failure or deadlock (REPEATABLE READ, SERIALIZABLE; raised by any
+        statement or by the commit) aborts the transaction: one of our own is run again, up
+        to ``retries`` times, and the rerun reads the head anew (a false conflict then simply
+        succeeds, a real one is judged by the conflict policy). A caller's transaction is
+        theirs to roll back and rerun: the race is raised as a ``ConflictError``.
+        """
+        attempt = 0
+        while True:
+            try:
+                with (unit or self._transaction)(session) as db:
+                    return work(db)
+            except Exception as exc:
+                conflict = _race_conflict(exc, doc_id, base_version, self.metrics)
+                if conflict is None:
+                    raise
+                if session is not None or attempt >= self.retries:
+                    if conflict is exc:
+                        raise
+                    raise conflict from exc
+                attempt += 1
 
     def _engine(self, engine: sa.Engine | None) -> sa.Engine:
         engine = engine or self.engine
@@ -451,8 +517,11 @@ class DocumentHistory(_SyncDriver, _HistoryBase):
             none.
         id_key: the member holding each block's id.
         metrics: a registry for ``patch_applied`` (operations, bytes, blocks) and conflicts.
-        retries: with ``"rebase"`` or ``"last-write-wins"``, how many times a save that lost
-            the race for the head row re-reads it and merges again before raising.
+        retries: with ``"rebase"`` or ``"last-write-wins"`` (or ``base_version=None``), how
+            many times a save that lost the race for the head row re-reads it and merges
+            again before raising; and, under every policy, how many times a save in a
+            transaction of its own that the database aborted as a lost race (serialization
+            failure or deadlock, under ``REPEATABLE READ``/``SERIALIZABLE``) is run again.
 
     Raises:
         ConfigurationError: an unknown conflict policy or a negative ``retries``.
@@ -512,7 +581,8 @@ class DocumentHistory(_SyncDriver, _HistoryBase):
             BackendUnavailable: the database could not be reached or timed out (503).
         """
         size = self._new_document(doc_id, content)
-        with self._transaction(session) as db:
+
+        def insert(db: Executor) -> int:
             if db.execute(_select_version(doc_id)).first() is not None:
                 raise _exists(doc_id)
             try:
@@ -520,7 +590,11 @@ class DocumentHistory(_SyncDriver, _HistoryBase):
             except sa.exc.IntegrityError as exc:  # created concurrently
                 raise _exists(doc_id) from exc
             db.execute(_insert_snapshot(doc_id, 1, content, size))
-        return 1
+            return 1
+
+        # SERIALIZABLE reports a concurrent create as a serialization failure: the rerun
+        # finds the document and says so
+        return self._run(session, insert, doc_id=doc_id, base_version=None)
 
     @sql_unavailable
     def save(
@@ -528,7 +602,7 @@ class DocumentHistory(_SyncDriver, _HistoryBase):
         doc_id: str,
         patch: object,
         *,
-        base_version: int,
+        base_version: int | None,
         session: Executor | None = None,
     ) -> int:
         """Apply a patch written against ``base_version``; return the new version.
@@ -539,10 +613,23 @@ class DocumentHistory(_SyncDriver, _HistoryBase):
         patch row and, when the snapshot policy says so, a snapshot. If the patch is refused
         nothing is written.
 
+        ``base_version=None`` (``If-Match: *``, see :func:`~hardening.if_match_version`)
+        applies the patch to the head as it is, under every conflict policy: the head row is
+        read locked (``SELECT … FOR UPDATE``), so no other save lands between the read and the
+        bump; the patch is checked against the head (its ``test`` operations too), never
+        rebased, and the version still goes up by one.
+
+        Under ``REPEATABLE READ`` or ``SERIALIZABLE`` the database may abort the transaction
+        as a lost race (a serialization failure, or a deadlock): without ``session`` the save
+        runs again in a new transaction (up to ``retries`` times), which judges the head
+        anew; in the caller's ``session`` it raises :class:`~hardening.ConflictError` and the
+        caller rolls back and retries (:func:`~hardening.retry_on_conflict`).
+
         Args:
             doc_id: the document's id.
             patch: the JSON Patch, as received (it is validated).
-            base_version: the version the patch was written against (from ``If-Match``).
+            base_version: the version the patch was written against (from ``If-Match``), or
+                ``None`` to apply it to the head.
             session: run in this ``Session``/``Connection``'s transaction (not committed).
 
         Returns:
@@ -552,7 +639,8 @@ class DocumentHistory(_SyncDriver, _HistoryBase):
             NotFoundError: no such document (404).
             ConflictError: ``base_version`` is not the head's and the policy is ``"reject"``,
                 or the base version is no longer kept, or the race for the head row was lost
-                ``retries`` times (409).
+                ``retries`` times, or the database aborted the transaction as a lost race
+                (in ``session``, or ``retries`` times) (409).
             PatchConflict: the patch clashes with a concurrent edit (``"rebase"``; 409).
             PatchError: the patch is invalid, too large or does not apply (422/413/409).
             BackendUnavailable: the database could not be reached or timed out (503). Nothing
@@ -563,31 +651,43 @@ class DocumentHistory(_SyncDriver, _HistoryBase):
         """
         doc_id = _check_id(doc_id)
         ops = self._incoming(patch, base_version)
-        with self._transaction(session) as db:
-            attempt = 0
-            while True:
-                head = _head(db.execute(_select_head(doc_id)).first(), doc_id)
-                base = _NO_BASE
-                if self._needs_base(doc_id, head, base_version):
-                    try:
-                        base = _rebuild(db, doc_id, base_version)
-                    except NotFoundError:  # compacted away: nothing to merge against
-                        raise self._stale(doc_id, head.version, base_version) from None
-                save = self._plan(head, ops, base)
-                try:
-                    version = update_versioned(
-                        db, Document, doc_id, head.version, save.values, metrics=self.metrics
-                    )
-                    break
-                except ConflictError:
-                    if not self._retry(attempt):
-                        raise
-                    attempt += 1
-            db.execute(_insert_patch(doc_id, version, save))
-            if save.snapshot_bytes is not None:
-                db.execute(_insert_snapshot(doc_id, version, save.content, save.snapshot_bytes))
+        version, save = self._run(
+            session,
+            lambda db: self._save_in(db, doc_id, ops, base_version),
+            doc_id=doc_id,
+            base_version=base_version,
+        )
         self._saved(save)
         return version
+
+    def _save_in(
+        self, db: Executor, doc_id: str, ops: list[dict[str, object]], base_version: int | None
+    ) -> tuple[int, _Save]:
+        """One attempt at a save, in ``db``'s transaction: the new version and what it wrote."""
+        attempt = 0
+        while True:
+            row = db.execute(_select_head(doc_id, lock=base_version is None)).first()
+            head = _head(row, doc_id)
+            base = _NO_BASE
+            if base_version is not None and self._needs_base(doc_id, head, base_version):
+                try:
+                    base = _rebuild(db, doc_id, base_version)
+                except NotFoundError:  # compacted away: nothing to merge against
+                    raise self._stale(doc_id, head.version, base_version) from None
+            save = self._plan(head, ops, base)
+            try:
+                version = update_versioned(
+                    db, Document, doc_id, head.version, save.values, metrics=self.metrics
+                )
+                break
+            except ConflictError as exc:
+                if aborted(exc) or not self._retry(attempt, base_version):
+                    raise
+                attempt += 1
+        db.execute(_insert_patch(doc_id, version, save))
+        if save.snapshot_bytes is not None:
+            db.execute(_insert_snapshot(doc_id, version, save.content, save.snapshot_bytes))
+        return version, save
 
     @sql_unavailable
     def load(
@@ -703,7 +803,8 @@ class AsyncDocumentHistory(_HistoryBase):
         limits: the bounds incoming patches must respect.
         id_key: the member holding each block's id.
         metrics: a registry for ``patch_applied`` and conflicts.
-        retries: re-reads after losing the race for the head row (merging policies).
+        retries: re-reads after losing the race for the head row (merging policies), and
+            reruns of a transaction of its own the database aborted as a lost race.
 
     Raises:
         ConfigurationError: an unknown conflict policy or a negative ``retries``.
@@ -768,7 +869,8 @@ class AsyncDocumentHistory(_HistoryBase):
             BackendUnavailable: the database could not be reached or timed out (503).
         """
         size = self._new_document(doc_id, content)
-        async with self._transaction(session) as db:
+
+        async def insert(db: AsyncSession | AsyncConnection) -> int:
             if (await db.execute(_select_version(doc_id))).first() is not None:
                 raise _exists(doc_id)
             try:
@@ -776,7 +878,9 @@ class AsyncDocumentHistory(_HistoryBase):
             except sa.exc.IntegrityError as exc:
                 raise _exists(doc_id) from exc
             await db.execute(_insert_snapshot(doc_id, 1, content, size))
-        return 1
+            return 1
+
+        return await self._run(session, insert, doc_id=doc_id, base_version=None)
 
     @sql_unavailable
     async def save(
@@ -784,7 +888,7 @@ class AsyncDocumentHistory(_HistoryBase):
         doc_id: str,
         patch: object,
         *,
-        base_version: int,
+        base_version: int | None,
         session: AsyncSession | AsyncConnection | None = None,
     ) -> int:
         """Apply a patch written against ``base_version`` (see :meth:`DocumentHistory.save`).
@@ -792,7 +896,8 @@ class AsyncDocumentHistory(_HistoryBase):
         Args:
             doc_id: the document's id.
             patch: the JSON Patch, as received.
-            base_version: the version the patch was written against.
+            base_version: the version the patch was written against, or ``None`` to apply
+                it to the head (locked).
             session: run in this transaction (not committed).
 
         Returns:
@@ -800,8 +905,8 @@ class AsyncDocumentHistory(_HistoryBase):
 
         Raises:
             NotFoundError: no such document.
-            ConflictError: a stale base under ``"reject"``, a base no longer kept, or the
-                race lost ``retries`` times.
+            ConflictError: a stale base under ``"reject"``, a base no longer kept, the race
+                lost ``retries`` times, or a transaction aborted as a lost race.
             PatchConflict: the patch clashes with a concurrent edit.
             PatchError: the patch is invalid, too large or does not apply.
             BackendUnavailable: the database could not be reached or timed out (503); as
@@ -810,33 +915,70 @@ class AsyncDocumentHistory(_HistoryBase):
         """
         doc_id = _check_id(doc_id)
         ops = self._incoming(patch, base_version)
-        async with self._transaction(session) as db:
-            attempt = 0
-            while True:
-                head = _head((await db.execute(_select_head(doc_id))).first(), doc_id)
-                base = _NO_BASE
-                if self._needs_base(doc_id, head, base_version):
-                    try:
-                        base = await _rebuild_async(db, doc_id, base_version)
-                    except NotFoundError:
-                        raise self._stale(doc_id, head.version, base_version) from None
-                save = self._plan(head, ops, base)
-                try:
-                    version = await update_versioned_async(
-                        db, Document, doc_id, head.version, save.values, metrics=self.metrics
-                    )
-                    break
-                except ConflictError:
-                    if not self._retry(attempt):
-                        raise
-                    attempt += 1
-            await db.execute(_insert_patch(doc_id, version, save))
-            if save.snapshot_bytes is not None:
-                await db.execute(
-                    _insert_snapshot(doc_id, version, save.content, save.snapshot_bytes)
-                )
+        version, save = await self._run(
+            session,
+            lambda db: self._save_in(db, doc_id, ops, base_version),
+            doc_id=doc_id,
+            base_version=base_version,
+        )
         self._saved(save)
         return version
+
+    async def _run(
+        self,
+        session: AsyncSession | AsyncConnection | None,
+        work: Callable[[AsyncSession | AsyncConnection], Awaitable[T]],
+        *,
+        doc_id: str,
+        base_version: int | None,
+    ) -> T:
+        """``work`` in a transaction, rerun on a lost race (see ``DocumentHistory._run``)."""
+        attempt = 0
+        while True:
+            try:
+                async with self._transaction(session) as db:
+                    return await work(db)
+            except Exception as exc:
+                conflict = _race_conflict(exc, doc_id, base_version, self.metrics)
+                if conflict is None:
+                    raise
+                if session is not None or attempt >= self.retries:
+                    if conflict is exc:
+                        raise
+                    raise conflict from exc
+                attempt += 1
+
+    async def _save_in(
+        self,
+        db: AsyncSession | AsyncConnection,
+        doc_id: str,
+        ops: list[dict[str, object]],
+        base_version: int | None,
+    ) -> tuple[int, _Save]:
+        attempt = 0
+        while True:
+            row = (await db.execute(_select_head(doc_id, lock=base_version is None))).first()
+            head = _head(row, doc_id)
+            base = _NO_BASE
+            if base_version is not None and self._needs_base(doc_id, head, base_version):
+                try:
+                    base = await _rebuild_async(db, doc_id, base_version)
+                except NotFoundError:
+                    raise self._stale(doc_id, head.version, base_version) from None
+            save = self._plan(head, ops, base)
+            try:
+                version = await update_versioned_async(
+                    db, Document, doc_id, head.version, save.values, metrics=self.metrics
+                )
+                break
+            except ConflictError as exc:
+                if aborted(exc) or not self._retry(attempt, base_version):
+                    raise
+                attempt += 1
+        await db.execute(_insert_patch(doc_id, version, save))
+        if save.snapshot_bytes is not None:
+            await db.execute(_insert_snapshot(doc_id, version, save.content, save.snapshot_bytes))
+        return version, save
 
     @sql_unavailable
     async def load(
