@@ -307,8 +307,9 @@ async def test_async_stale_orm_flush(pg_async_engine: Any) -> None:
         async with pg_async_engine.begin() as conn:
             await update_versioned_async(conn, Page, 1, 1, {"title": "other"})
         page.title = "mine"
-        with pytest.raises(ConflictError):
+        with pytest.raises(ConflictError) as info:
             await session.commit()
+    assert (info.value.expected_version, info.value.current_version) == (1, 2)
 
 
 # --- an existing table gains a version column --------------------------------------------

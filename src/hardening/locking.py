@@ -408,11 +408,10 @@ class VersionedSession(Session):
         except sa.exc.DBAPIError as exc:
             if not lost_race(exc):
                 raise
-            candidates = _candidates(held, _table_of(exc.statement or ""))
+            table = _table_of(exc.statement or "")
+            candidates = _candidates(held, table)
             only = candidates[0] if len(candidates) == 1 else None
-            raise _report(
-                _conflict(only, None, _table_of(exc.statement or "")), None, None
-            ) from exc
+            raise _report(_conflict(only, None, table), None, None) from exc
 
 
 class _Held:
@@ -474,7 +473,8 @@ def _stale_to_conflict(
     if connection is not None and candidates:
         found = _current_versions(connection, candidates[:_MAX_LOOKUPS])
         if stale is None:  # several rows of that table: the stale one is the one that moved
-            stale = next((h for h in candidates if found.get(id(h)) != h.version), None)
+            moved = (h for h in candidates if id(h) in found and found[id(h)] != h.version)
+            stale = next(moved, None)
         current = found.get(id(stale)) if stale is not None else None
     return _report(_conflict(stale, current, table), None, None)
 
