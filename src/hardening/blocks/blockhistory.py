@@ -54,6 +54,7 @@ from hardening.blocks._pages import (  # noqa: E402
 from hardening.blocks.history import (  # noqa: E402
     ConflictPolicy,
     DocumentVersion,
+    _aborted,
     _check_base,
     _check_id,
     _check_version,
@@ -61,7 +62,6 @@ from hardening.blocks.history import (  # noqa: E402
     _HistoryBase,
     _not_found,
     _SyncDriver,
-    aborted,
 )
 from hardening.blocks.patch import (  # noqa: E402
     DEFAULT_LIMITS,
@@ -401,7 +401,7 @@ class BlockHistory(_SyncDriver, _HistoryBase):
                 )
                 break
             except ConflictError as exc:
-                if aborted(exc) or not self._retry(attempt, base_version):
+                if _aborted(exc) or not self._retry(attempt, base_version):
                     raise
                 attempt += 1
         page = self._rows(db, doc_id, head)

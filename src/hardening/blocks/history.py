@@ -302,7 +302,7 @@ def _check_base(base_version: object) -> None:
         raise ConfigurationError(f"base_version must be an int or None, not {base_version!r}")
 
 
-def aborted(conflict: ConflictError) -> bool:
+def _aborted(conflict: ConflictError) -> bool:
     """Whether ``conflict`` is a lost race that aborted its transaction (40001, 40P01)."""
     return conflict.__cause__ is not None and lost_race(conflict.__cause__)
 
@@ -316,7 +316,7 @@ def _race_conflict(
     error); raised by another statement or by the commit, it becomes one here.
     """
     if isinstance(exc, ConflictError):
-        return exc if aborted(exc) else None
+        return exc if _aborted(exc) else None
     if not lost_race(exc):
         return None
     error = ConflictError("Document", doc_id, expected_version=base_version, current_version=None)
@@ -681,7 +681,7 @@ class DocumentHistory(_SyncDriver, _HistoryBase):
                 )
                 break
             except ConflictError as exc:
-                if aborted(exc) or not self._retry(attempt, base_version):
+                if _aborted(exc) or not self._retry(attempt, base_version):
                     raise
                 attempt += 1
         db.execute(_insert_patch(doc_id, version, save))
@@ -972,7 +972,7 @@ class AsyncDocumentHistory(_HistoryBase):
                 )
                 break
             except ConflictError as exc:
-                if aborted(exc) or not self._retry(attempt, base_version):
+                if _aborted(exc) or not self._retry(attempt, base_version):
                     raise
                 attempt += 1
         await db.execute(_insert_patch(doc_id, version, save))
