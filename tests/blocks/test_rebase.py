@@ -143,14 +143,98 @@ def test_fields_outside_blocks() -> None:
     assert (caught.value.block_id, caught.value.field) == (None, "/title")
 
 
-def test_arrays_without_ids_changed_by_both_conflict() -> None:
-    """An array whose items have no ids cannot be merged item by item."""
+def test_arrays_without_ids_merge_by_content() -> None:
+    """Items without ids are matched by content, as the differ matches them: both adds land."""
     base = {"tags": ["a", "b"]}
     theirs = [{"op": "add", "path": "/tags/0", "value": "x"}]
     mine = [{"op": "add", "path": "/tags/-", "value": "y"}]
+    head = apply_patch(base, theirs)
+    assert apply_patch(head, rebase(mine, base=base, head_patches=[theirs])) == {
+        "tags": ["x", "a", "b", "y"]
+    }
+
+
+def test_one_id_less_block_does_not_stop_merging() -> None:
+    """A divider without an id in the list: edits elsewhere still merge block by block."""
+    base = [{"id": "a", "text": "A"}, {"type": "divider"}, {"id": "b", "text": "B"}]
+    theirs = [{"op": "replace", "path": "/0/text", "value": "A2"}]
+    mine = [{"op": "add", "path": "/2", "value": {"id": "n", "text": "N"}}]
+    head = apply_patch(base, theirs)
+    merged = apply_patch(head, rebase(mine, base=base, head_patches=[theirs]))
+    assert merged == [
+        {"id": "a", "text": "A2"},
+        {"type": "divider"},
+        {"id": "n", "text": "N"},
+        {"id": "b", "text": "B"},
+    ]
+
+
+def test_equal_id_less_items_added_by_both_are_both_kept() -> None:
+    """Two dividers added concurrently are two dividers: items without ids have no identity."""
+    base = [{"id": "a"}, {"id": "b"}]
+    theirs = [{"op": "add", "path": "/1", "value": {"type": "divider"}}]
+    mine = [{"op": "add", "path": "/2", "value": {"type": "divider"}}]
+    head = apply_patch(base, theirs)
+    merged = apply_patch(head, rebase(mine, base=base, head_patches=[theirs]))
+    assert merged == [{"id": "a"}, {"type": "divider"}, {"id": "b"}, {"type": "divider"}]
+
+
+def test_a_duplicated_id_still_conflicts() -> None:
+    """Two blocks with one id: which is which is unknown, so a change by both conflicts."""
+    base = {"blocks": [{"id": "x", "v": 1}, {"id": "x", "v": 2}]}
+    theirs = [{"op": "replace", "path": "/blocks/0/v", "value": 3}]
+    mine = [{"op": "replace", "path": "/blocks/1/v", "value": 4}]
     with pytest.raises(PatchConflict) as caught:
         rebase(mine, base=base, head_patches=[theirs])
-    assert caught.value.field == "/tags"
+    assert caught.value.field == "/blocks"
+
+
+def test_both_moving_one_block_to_one_place_agrees() -> None:
+    """Both made the same move: agreement, the block moved once."""
+    _, moved = _edit(lambda doc: doc["blocks"].insert(0, doc["blocks"].pop(3)))
+    merged = _merge(moved, moved)
+    assert [block["id"] for block in merged["blocks"]] == ["b3", "b0", "b1", "b2", "b4"]
+
+    def move_and_edit(doc: dict[str, list[dict[str, object]]]) -> None:
+        doc["blocks"].insert(0, doc["blocks"].pop(3))
+        doc["blocks"][2]["text"] = "x"  # b1
+
+    expected, mine = _edit(move_and_edit)
+    assert _merge(mine, moved) == expected  # the same move, plus an edit elsewhere
+
+
+def test_both_adding_the_same_block_agrees() -> None:
+    """A client retrying a save that already landed: the block is added once, no conflict."""
+    _, added = _edit(lambda doc: doc["blocks"].insert(2, {"id": "x", "text": "a"}))
+    merged = _merge(added, added)
+    assert [block["id"] for block in merged["blocks"]] == ["b0", "b1", "x", "b2", "b3", "b4"]
+
+    def add_two(doc: dict[str, list[dict[str, object]]]) -> None:
+        doc["blocks"][2:2] = [{"id": "x", "text": "a"}, {"id": "y"}]
+
+    _, more = _edit(add_two)
+    merged = _merge(more, added)  # the retried block, and one more after it
+    assert [block["id"] for block in merged["blocks"]] == ["b0", "b1", "x", "y", "b2", "b3", "b4"]
+
+
+def test_both_adding_one_block_in_different_places_conflicts() -> None:
+    """The same new block at two places: a position conflict."""
+    _, theirs = _edit(lambda doc: doc["blocks"].insert(0, {"id": "x"}))
+    _, mine = _edit(lambda doc: doc["blocks"].append({"id": "x"}))
+    with pytest.raises(PatchConflict) as caught:
+        rebase(mine, base=BASE, head_patches=[theirs])
+    assert (caught.value.block_id, caught.value.field) == ("x", None)
+
+
+def test_delete_wins_drops_concurrent_edits() -> None:
+    """``delete_wins``: a deleted block stays deleted, whichever side deleted it."""
+    _, deleted = _edit(lambda doc: doc["blocks"].pop(2))
+    _, edited = _edit(lambda doc: doc["blocks"][2].update(style="quote", text="new"))
+    for mine, theirs in ((edited, deleted), (deleted, edited)):
+        head = apply_patch(BASE, theirs)
+        ops = rebase(mine, base=BASE, head_patches=[theirs], delete_wins=True)
+        merged = apply_patch(head, ops)
+        assert [block["id"] for block in merged["blocks"]] == ["b0", "b1", "b3", "b4"]
 
 
 def test_inserts_in_one_gap_are_ordered_by_id() -> None:

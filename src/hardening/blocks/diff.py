@@ -209,25 +209,7 @@ class _Differ:
 
     def keys(self, items: list[object]) -> tuple[list[object], list[bool]]:
         """Each item's match key (unique in the list) and whether it is an id-less item."""
-        id_key = self.id_key
-        ids = [item.get(id_key) if type(item) is dict else None for item in items]
-        if all(type(ident) is str for ident in ids) and len(set(ids)) == len(ids):
-            return ids, [False] * len(ids)  # the common case: unique string ids, no fallback
-        keys: list[object] = []
-        anonymous: list[bool] = []
-        seen: dict[object, int] = {}
-        for item in items:
-            ident = item.get(id_key) if isinstance(item, dict) else None
-            if type(ident) is str or type(ident) is int:
-                key: object = ident
-                anonymous.append(False)
-            else:
-                key = _content_key(item)
-                anonymous.append(True)
-            count = seen.get(key, 0)
-            seen[key] = count + 1
-            keys.append(key if count == 0 else _Nth(key, count))
-        return keys, anonymous
+        return match_keys(items, self.id_key)
 
     def guard(self, path: str, item: object) -> None:
         """``test`` that ``path`` holds ``item`` (by its id when it has one)."""
@@ -397,6 +379,34 @@ def _token(key: object) -> str:
     if not isinstance(key, str):
         raise TypeError(f"JSON object member names are strings, not {type(key).__name__}")
     return escape(key)
+
+
+def match_keys(items: Sequence[object], id_key: str) -> tuple[list[object], list[bool]]:
+    """Each item's match key, unique in the list, and whether the item has no id.
+
+    An item's key is its id (a string or an integer under ``id_key``); an item without one is
+    keyed by its content (type and canonical JSON), so equal items match across versions. The
+    n-th repeat of a key already seen (a duplicated id, or equal id-less items) is keyed
+    ``_Nth(key, n)``. The differ and rebase match list items this same way.
+    """
+    ids = [item.get(id_key) if type(item) is dict else None for item in items]
+    if all(type(ident) is str for ident in ids) and len(set(ids)) == len(ids):
+        return ids, [False] * len(ids)  # the common case: unique string ids, no fallback
+    keys: list[object] = []
+    anonymous: list[bool] = []
+    seen: dict[object, int] = {}
+    for item in items:
+        ident = item.get(id_key) if isinstance(item, dict) else None
+        if type(ident) is str or type(ident) is int:
+            key: object = ident
+            anonymous.append(False)
+        else:
+            key = _content_key(item)
+            anonymous.append(True)
+        count = seen.get(key, 0)
+        seen[key] = count + 1
+        keys.append(key if count == 0 else _Nth(key, count))
+    return keys, anonymous
 
 
 def _content_key(item: object) -> object:
