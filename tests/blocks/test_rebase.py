@@ -377,3 +377,63 @@ def test_convergence(
         except PatchConflict:
             results.append(None)
     assert results[0] == results[1]
+
+
+MIXED_SIDE = st.lists(
+    st.tuples(
+        st.sampled_from(["insert", "divider", "delete", "move", "edit"]),
+        st.integers(0, 9),
+        st.integers(0, 9),
+    ),
+    max_size=4,
+)
+
+
+def _apply_mixed(
+    base: list[dict[str, object]], script: list[tuple[str, int, int]], side: str
+) -> list[dict[str, object]]:
+    """Like ``_apply_script``, with id-less dividers among the blocks (never edited)."""
+    blocks = copy.deepcopy(base)
+    for step, (action, i, j) in enumerate(script):
+        ids = [k for k, block in enumerate(blocks) if "id" in block]
+        if action == "divider":
+            blocks.insert(i % (len(blocks) + 1), {"type": "divider"})
+        elif action == "insert" or not blocks:
+            blocks.insert(i % (len(blocks) + 1), {"id": f"{side}{step}", "v": 0})
+        elif action == "delete":
+            blocks.pop(i % len(blocks))
+        elif action == "move":
+            item = blocks.pop(i % len(blocks))
+            blocks.insert(j % (len(blocks) + 1), item)
+        elif ids:
+            blocks[ids[i % len(ids)]]["v"] = f"{side}{step}"
+    return blocks
+
+
+@settings(max_examples=300, deadline=None)
+@given(size=st.integers(0, 6), dividers=st.integers(0, 2), a=MIXED_SIDE, b=MIXED_SIDE)
+def test_convergence_with_id_less_items(
+    size: int,
+    dividers: int,
+    a: list[tuple[str, int, int]],
+    b: list[tuple[str, int, int]],
+) -> None:
+    """Lists holding id-less items merge, and converge whichever side is saved first."""
+    base: list[dict[str, object]] = [{"id": i, "v": 0} for i in range(size)]
+    for k in range(dividers):
+        base.insert(k * 2 % (len(base) + 1), {"type": "divider"})
+    side_a, side_b = _apply_mixed(base, a, "a"), _apply_mixed(base, b, "b")
+    patch_a, patch_b = diff_blocks(base, side_a), diff_blocks(base, side_b)
+    results = []
+    for first, second, head in ((patch_a, patch_b, side_a), (patch_b, patch_a, side_b)):
+        try:
+            results.append(apply_patch(head, rebase(second, base=base, head_patches=[first])))
+        except PatchConflict:
+            results.append(None)
+    assert results[0] == results[1]
+    if not a or not b or results[0] is None:
+        return
+    merged = results[0]
+    for block in [*side_a, *side_b]:  # every block either side added is in the merge
+        if "id" in block and isinstance(block["id"], str):
+            assert block["id"] in [item.get("id") for item in merged]

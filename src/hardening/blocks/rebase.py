@@ -7,13 +7,19 @@ the version it was written for (``base``), merges that result with the current d
 into the merge. Blocks are identified by id throughout, so concurrent edits to other blocks,
 or to other fields of the same block, insertions, deletions and moves elsewhere all merge.
 
+Items without an id are matched by content, as the differ matches them (a changed id-less
+item is a removal plus an addition), so one divider in a list does not stop the merge.
+Identical changes are agreement: the same move, or the same block added by both (a client
+retrying a save that already landed). Strings under a text member (``text_fields``, default
+``text`` and ``content``) edited by both in different places merge by a three-way text merge.
+
 A true conflict raises :class:`~hardening.PatchConflict` naming the block and the field:
 
 - both sides changed the same field (the same JSON pointer inside a block, or the same member
-  outside blocks) to different values;
-- one side deleted a block the other changed, or both moved the same block;
-- both changed an array whose items have no ids (it cannot be merged item by item), or both
-  added a block with the same id.
+  outside blocks) to different values, or the same part of a text field;
+- one side deleted a block the other changed (unless ``delete_wins``: the deletion stands);
+- both moved the same block, or added the same block, to different places;
+- both added different blocks with one id, or an id appears twice in a list both changed.
 
 The merge is symmetric: merging A into B gives the same document as merging B into A, so two
 concurrent non-conflicting saves converge whichever commits first. Where both sides inserted
@@ -328,7 +334,8 @@ def _order(
 
     A block moved or added by one side goes where that side put it, relative to the blocks
     neither side moved (the skeleton). When both sides placed blocks in the same gap, the
-    run whose first block has the smaller id goes first: the same whichever side is "mine".
+    run whose blocks sort first (by id; id-less items by content) goes first: the same
+    whichever side is "mine".
     A block both sides placed (both moved it, or both added it) must be in the same gap and in
     the same order among such blocks on both sides: it splits the gap's runs around it.
     Otherwise both moved it to different places: a conflict (``prefer_mine``: mine's place).
@@ -392,7 +399,7 @@ def _interleave(
         parts += [[] for _ in range(len(agreed) + 1 - len(parts))]  # mine's place won: pad
         stretches.append(parts)
     for k, (first, second) in enumerate(zip(*stretches, strict=True)):
-        if first and second and _tie(second[0]) < _tie(first[0]):
+        if first and second and [_tie(i) for i in second] < [_tie(i) for i in first]:
             first, second = second, first
         order += first
         order += second
