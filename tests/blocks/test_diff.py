@@ -9,11 +9,11 @@ from bisect import bisect_left
 
 import jsonpatch
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from hardening import PatchTestFailed, apply_patch, diff, diff_blocks
-from hardening.blocks.diff import longest_increasing_subsequence
+from hardening.blocks.diff import _Differ, longest_increasing_subsequence
 
 
 def _canonical(value: object) -> str:
@@ -158,6 +158,44 @@ def test_unusable_ids_fall_back_to_content(ident: object) -> None:
     old = [{"id": ident, "t": 1}, _block(1)]
     new = [_block(1), {"id": ident, "t": 2}]
     _round_trip(old, new, diff_blocks(old, new))
+
+
+def test_a_repeated_id_moved_is_one_move() -> None:
+    """Three blocks sharing an id, rotated: one ``move`` (matched by content), not 3 edits."""
+    old = [{"id": "b", "t": "aaaaa"}, {"id": "b", "t": "bbb"}, {"id": "b", "t": "bb"}]
+    new = [old[2], old[0], old[1]]
+    assert diff_blocks(old, new) == [{"op": "move", "from": "/2", "path": "/0"}]
+
+
+def test_id_less_items_take_the_smallest_matching() -> None:
+    """A list of id-less marks: a positional edit where that is shorter than remove + add."""
+    old = {"marks": ["b", "i", "u"]}
+    new = {"marks": ["b", "s", "u"]}
+    assert diff(old, new) == [{"op": "replace", "path": "/marks/1", "value": "s"}]
+
+
+def _size(ops: list[dict[str, object]]) -> int:
+    return len(json.dumps(ops, separators=(",", ":")))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    old=st.lists(st.fixed_dictionaries({"id": st.sampled_from("ab"), "t": st.sampled_from("xyz")})),
+    new=st.lists(st.fixed_dictionaries({"id": st.sampled_from("ab"), "t": st.sampled_from("xyz")})),
+)
+def test_repeated_ids_never_cost_more_than_a_positional_diff(
+    old: list[dict[str, object]], new: list[dict[str, object]]
+) -> None:
+    """With repeated ids the differ keeps the smallest of its matchings: never larger than
+    aligning the items by content with difflib (what ``jsonpatch.make_patch`` does), and every
+    candidate is a correct patch."""
+    assume(any(len({b["id"] for b in items}) < len(items) for items in (old, new)))
+    ops = diff_blocks(old, new)
+    assert apply_patch(old, ops) == new
+    positional = _Differ("id", guards=False)
+    positional.positional(old, new, "")
+    assert apply_patch(old, positional.ops) == new
+    assert _size(ops) <= _size(positional.ops)
 
 
 def test_mixed_lists() -> None:

@@ -28,6 +28,7 @@ import marshal
 from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass
+from difflib import SequenceMatcher
 
 from hardening.blocks._json import escape, same
 
@@ -222,9 +223,57 @@ class _Differ:
             self.ops.append({"op": "test", "path": path, "value": item})
 
     def array(self, old: list[object], new: list[object], path: str) -> None:
-        ops = self.ops
         old_keys, old_anonymous = self.keys(old)
         new_keys, new_anonymous = self.keys(new)
+        if not _matched_by_content(old_keys, old_anonymous, new_keys):
+            self.keyed(old, new, path, old_keys, old_anonymous, new_keys, new_anonymous)
+            return
+        # items matched by content, or an id twice: matching by key may cost more than
+        # matching whole items by content, or than a positional diff (an edit of one of two
+        # equal items, a duplicated id), so write all three and keep the smallest
+        keyed, by_content, positional = (_Differ(self.id_key, self.guards) for _ in range(3))
+        keyed.keyed(old, new, path, old_keys, old_anonymous, new_keys, new_anonymous)
+        old_content, new_content = _content_keys(old), _content_keys(new)
+        every_old, every_new = [True] * len(old), [True] * len(new)
+        by_content.keyed(old, new, path, old_content, every_old, new_content, every_new)
+        positional.positional(old, new, path)
+        candidates = [keyed.ops, by_content.ops, positional.ops]
+        self.ops += min(candidates, key=_size)  # the first if tied
+
+    def positional(self, old: list[object], new: list[object], path: str) -> None:
+        """Align the items by content (``difflib``, as ``jsonpatch.make_patch`` does).
+
+        Changed items are paired in place; the rest are removed and added.
+        """
+        matcher = SequenceMatcher(
+            None, [_content_key(item) for item in old], [_content_key(item) for item in new],
+            autojunk=False,
+        )  # fmt: skip
+        ops = self.ops
+        for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+            if tag == "equal":
+                continue  # the list now matches ``new`` up to j1: indices below are new ones
+            paired = min(i2 - i1, j2 - j1)
+            for k in range(paired):
+                self.edit(old[i1 + k], new[j1 + k], f"{path}/{j1 + k}")
+            for i in range(i1 + paired, i2):
+                self.guard(f"{path}/{j1 + paired}", old[i])
+                ops.append({"op": "remove", "path": f"{path}/{j1 + paired}"})
+            for j in range(j1 + paired, j2):
+                ops.append({"op": "add", "path": f"{path}/{j}", "value": new[j]})
+
+    def keyed(
+        self,
+        old: list[object],
+        new: list[object],
+        path: str,
+        old_keys: list[object],
+        old_anonymous: list[bool],
+        new_keys: list[object],
+        new_anonymous: list[bool],
+    ) -> None:
+        """Match the items by key (id, or content for id-less ones): removes, moves, adds."""
+        ops = self.ops
         if old_keys == new_keys:  # the same items in the same order: edits only
             match = placed = kept = list(range(len(old)))
             moving: set[int] = set()
@@ -407,6 +456,31 @@ def match_keys(items: Sequence[object], id_key: str) -> tuple[list[object], list
         seen[key] = count + 1
         keys.append(key if count == 0 else _Nth(key, count))
     return keys, anonymous
+
+
+def _matched_by_content(
+    old_keys: list[object], old_anonymous: list[bool], new_keys: list[object]
+) -> bool:
+    """Whether any item is keyed by its content or an id repeats (``_Nth`` keys)."""
+    return True in old_anonymous or any(
+        type(key) is _Content or type(key) is _Nth for keys in (old_keys, new_keys) for key in keys
+    )
+
+
+def _content_keys(items: list[object]) -> list[object]:
+    """Every item keyed by its content (ids ignored), repeats as ``_Nth``."""
+    keys: list[object] = []
+    seen: dict[object, int] = {}
+    for item in items:
+        key = _content_key(item)
+        count = seen.get(key, 0)
+        seen[key] = count + 1
+        keys.append(key if count == 0 else _Nth(key, count))
+    return keys
+
+
+def _size(ops: list[Operation]) -> int:
+    return len(json.dumps(ops, separators=(",", ":"), ensure_ascii=False, default=str))
 
 
 def _content_key(item: object) -> object:
