@@ -237,8 +237,9 @@ class _Differ:
         every_old, every_new = [True] * len(old), [True] * len(new)
         by_content.keyed(old, new, path, old_content, every_old, new_content, every_new)
         positional.positional(old, new, path)
-        candidates = [keyed.ops, by_content.ops, positional.ops]
-        self.ops += min(candidates, key=_size)  # the first if tied
+        candidates: list[list[Operation]] = [keyed.ops, by_content.ops, positional.ops]
+        best: list[Operation] = min(candidates, key=_size)  # the first if tied
+        self.ops += best
 
     def positional(self, old: list[object], new: list[object], path: str) -> None:
         """Align the items by content (``difflib``, as ``jsonpatch.make_patch`` does).
