@@ -417,3 +417,35 @@ def test_round_trip_fuzz() -> None:
         ops = diff_blocks(old, new, guards=rng.random() < 0.5)
         assert _canonical(apply_patch(old, ops)) == _canonical(new)
         assert jsonpatch.apply_patch(old, ops) == new
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    size=st.integers(0, 30),
+    script=st.lists(
+        st.tuples(st.sampled_from(["insert", "delete", "move", "edit"]), st.integers(0, 99)),
+        max_size=5,
+    ),
+    ids=st.booleans(),
+)
+def test_shared_items_are_set_aside(size: int, script: list[tuple[str, int]], ids: bool) -> None:
+    """Lists sharing their untouched items (as ``apply_patch(share=True)`` leaves them): the
+    differ diffs only the middle, and the patch is as exact and as short as on copies."""
+    old: list[dict[str, object]] = [
+        {"id": f"b{i}", "v": i} if ids or i % 3 else {"v": i} for i in range(size)
+    ]
+    new = list(old)  # the same block objects, as after a copy-on-write edit
+    for step, (action, at) in enumerate(script):
+        if action == "insert" or not new:
+            new.insert(at % (len(new) + 1), {"id": f"n{step}", "v": -step})
+        elif action == "delete":
+            new.pop(at % len(new))
+        elif action == "move":
+            new.insert((at * 7) % len(new), new.pop(at % len(new)))
+        else:
+            index = at % len(new)
+            new[index] = {**new[index], "v": f"edited {step}"}
+    shared = diff_blocks(old, new)
+    copied = diff_blocks(old, copy.deepcopy(new))
+    assert apply_patch(old, shared) == new
+    assert len(shared) <= len(copied)

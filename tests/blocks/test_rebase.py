@@ -437,3 +437,28 @@ def test_convergence_with_id_less_items(
     for block in [*side_a, *side_b]:  # every block either side added is in the merge
         if "id" in block and isinstance(block["id"], str):
             assert block["id"] in [item.get("id") for item in merged]
+
+
+@settings(max_examples=300, deadline=None)
+@given(size=st.integers(0, 12), script_a=SIDE, script_b=SIDE)
+def test_setting_aside_shared_ends_changes_nothing(
+    size: int, script_a: list[tuple[str, int, int]], script_b: list[tuple[str, int, int]]
+) -> None:
+    """Merging only the middle between the ends all three lists share gives the same list (or
+    the same conflict) as merging every item."""
+    from hardening.blocks.rebase import _Conflict, _Merger
+
+    base = [{"id": i, "v": 0} for i in range(size)]
+    sides = []
+    for script, name in ((script_a, "a"), (script_b, "b")):
+        edited = _apply_script(base, script, name)
+        # copy on write, as rebase builds them: untouched blocks are base's own objects
+        sides.append(apply_patch(base, diff_blocks(base, edited), share=True))
+    merger = _Merger("id", False, frozenset(), False)
+    outcomes = []
+    for merge in (merger.array, merger.whole_array):
+        try:
+            outcomes.append(merge(base, sides[0], sides[1], ()))
+        except _Conflict as conflict:
+            outcomes.append(conflict.reason)
+    assert outcomes[0] == outcomes[1]

@@ -208,10 +208,6 @@ class _Differ:
             if key not in old:
                 ops.append({"op": "add", "path": f"{path}/{_token(key)}", "value": after})
 
-    def keys(self, items: list[object]) -> tuple[list[object], list[bool]]:
-        """Each item's match key (unique in the list) and whether it is an id-less item."""
-        return match_keys(items, self.id_key)
-
     def guard(self, path: str, item: object) -> None:
         """``test`` that ``path`` holds ``item`` (by its id when it has one)."""
         if not self.guards:
@@ -223,9 +219,21 @@ class _Differ:
             self.ops.append({"op": "test", "path": path, "value": item})
 
     def array(self, old: list[object], new: list[object], path: str) -> None:
-        old_keys, old_anonymous = self.keys(old)
-        new_keys, new_anonymous = self.keys(new)
-        if not _matched_by_content(old_keys, old_anonymous, new_keys):
+        start, end = _shared_ends(old, new)
+        if not start and not end:
+            self.whole_array(old, new, path)
+            return
+        # the items both lists hold as the very same objects at both ends are unchanged: diff
+        # the middle only (what the edits touch), then shift its indices past the start
+        inner = _Differ(self.id_key, self.guards)
+        inner.whole_array(old[start : len(old) - end], new[start : len(new) - end], path)
+        self.ops += _shifted(inner.ops, path, start) if start else inner.ops
+
+    def whole_array(self, old: list[object], new: list[object], path: str) -> None:
+        """The operations for a list, matching every item."""
+        old_keys, old_anonymous, old_repeated = match_keys(old, self.id_key)
+        new_keys, new_anonymous, new_repeated = match_keys(new, self.id_key)
+        if not (old_repeated or new_repeated or True in old_anonymous or True in new_anonymous):
             self.keyed(old, new, path, old_keys, old_anonymous, new_keys, new_anonymous)
             return
         # items matched by content, or an id twice: matching by key may cost more than
@@ -431,8 +439,8 @@ def _token(key: object) -> str:
     return escape(key)
 
 
-def match_keys(items: Sequence[object], id_key: str) -> tuple[list[object], list[bool]]:
-    """Each item's match key, unique in the list, and whether the item has no id.
+def match_keys(items: Sequence[object], id_key: str) -> tuple[list[object], list[bool], bool]:
+    """Each item's match key, unique in the list; whether it has no id; whether a key repeats.
 
     An item's key is its id (a string or an integer under ``id_key``); an item without one is
     keyed by its content (type and canonical JSON), so equal items match across versions. The
@@ -441,10 +449,11 @@ def match_keys(items: Sequence[object], id_key: str) -> tuple[list[object], list
     """
     ids = [item.get(id_key) if type(item) is dict else None for item in items]
     if all(type(ident) is str for ident in ids) and len(set(ids)) == len(ids):
-        return ids, [False] * len(ids)  # the common case: unique string ids, no fallback
+        return ids, [False] * len(ids), False  # the common case: unique string ids
     keys: list[object] = []
     anonymous: list[bool] = []
     seen: dict[object, int] = {}
+    repeated = False
     for item in items:
         ident = item.get(id_key) if isinstance(item, dict) else None
         if type(ident) is str or type(ident) is int:
@@ -455,17 +464,36 @@ def match_keys(items: Sequence[object], id_key: str) -> tuple[list[object], list
             anonymous.append(True)
         count = seen.get(key, 0)
         seen[key] = count + 1
-        keys.append(key if count == 0 else _Nth(key, count))
-    return keys, anonymous
+        if count:
+            repeated = True
+            key = _Nth(key, count)
+        keys.append(key)
+    return keys, anonymous, repeated
 
 
-def _matched_by_content(
-    old_keys: list[object], old_anonymous: list[bool], new_keys: list[object]
-) -> bool:
-    """Whether any item is keyed by its content or an id repeats (``_Nth`` keys)."""
-    return True in old_anonymous or any(
-        type(key) is _Content or type(key) is _Nth for keys in (old_keys, new_keys) for key in keys
-    )
+def _shared_ends(old: list[object], new: list[object]) -> tuple[int, int]:
+    """How many leading and trailing items two lists hold as the very same objects."""
+    shortest = min(len(old), len(new))
+    start = 0
+    while start < shortest and old[start] is new[start]:
+        start += 1
+    end = 0
+    room = shortest - start
+    while end < room and old[-1 - end] is new[-1 - end]:
+        end += 1
+    return start, end
+
+
+def _shifted(ops: list[Operation], path: str, offset: int) -> list[Operation]:
+    """``ops`` on a sublist starting at ``offset``, re-addressed to the whole list at ``path``."""
+    cut = len(path) + 1
+    for op in ops:
+        for member in ("path", "from"):
+            pointer = op.get(member)
+            if isinstance(pointer, str):
+                index, slash, rest = pointer[cut:].partition("/")
+                op[member] = f"{path}/{int(index) + offset}{slash}{rest}"
+    return ops
 
 
 def _content_keys(items: list[object]) -> list[object]:

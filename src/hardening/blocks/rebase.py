@@ -225,7 +225,7 @@ class _Merger:
         (new, or changed: a changed id-less item is a removal and an addition) is that side's
         own, so two sides adding equal id-less items keep both.
         """
-        (base_keys, base_anon), (head_keys, head_anon), (mine_keys, mine_anon) = (
+        (base_keys, base_anon, _), (head_keys, head_anon, _), (mine_keys, mine_anon, _) = (
             match_keys(items, self.id_key) for items in (base, head, mine)
         )
         anonymous: set[object] = set()
@@ -247,6 +247,43 @@ class _Merger:
     def array(
         self, base: list[object], head: list[object], mine: list[object], route: Route
     ) -> list[object]:
+        """Merge three versions of a list; first, cheaply, set aside the ends all three share.
+
+        Items at the same place in all three lists *as the same objects* (``apply_patch``'s
+        ``share=True`` keeps untouched blocks so) are unchanged by both sides and stay in place:
+        only the middle is merged, so rebasing one edit onto another on a 10,000-block page
+        costs the blocks between the edits, not the page. The ends are trusted only if no id in
+        them appears again in a middle (a duplicated id: then the whole list is merged).
+        """
+        start, end = _shared_ends(base, head, mine)
+        if start or end:
+            middle = (
+                base[start : len(base) - end],
+                head[start : len(head) - end],
+                mine[start : len(mine) - end],
+            )
+            outer = [*base[:start], *base[len(base) - end :]]
+            if not self._ids_meet(outer, middle):
+                merged = self.whole_array(*middle, route)
+                return [*base[:start], *merged, *base[len(base) - end :]]
+        return self.whole_array(base, head, mine, route)
+
+    def _ids_meet(self, outer: list[object], middles: tuple[list[object], ...]) -> bool:
+        """Whether an id of an item in ``outer`` is also an id in a middle (or repeats)."""
+        id_key = self.id_key
+        ids = {
+            item.get(id_key) for item in middles[0] + middles[1] + middles[2] if type(item) is dict
+        }
+        ids.discard(None)
+        if not ids:
+            return False
+        outer_ids = [item.get(id_key) for item in outer if type(item) is dict]
+        return len(set(outer_ids)) != len(outer_ids) or not ids.isdisjoint(outer_ids)
+
+    def whole_array(
+        self, base: list[object], head: list[object], mine: list[object], route: Route
+    ) -> list[object]:
+        """Merge three versions of a list item by item (by id, id-less items by content)."""
         keys = self.keys(base, head, mine)
         if keys is None:
             if self.prefer_mine:
@@ -314,6 +351,19 @@ class _Merger:
         return [content[ident] for ident in order]
 
 
+def _shared_ends(base: list[object], head: list[object], mine: list[object]) -> tuple[int, int]:
+    """How many leading and trailing items the three lists hold as the very same objects."""
+    shortest = min(len(base), len(head), len(mine))
+    start = 0
+    while start < shortest and base[start] is head[start] and base[start] is mine[start]:
+        start += 1
+    end = 0
+    room = shortest - start
+    while end < room and base[-1 - end] is head[-1 - end] and base[-1 - end] is mine[-1 - end]:
+        end += 1
+    return start, end
+
+
 def _moved(base_ids: list[object], in_base: dict[object, int], ids: list[object]) -> set[object]:
     """The base blocks that ``ids`` reordered: those outside a longest in-order run."""
     kept = [ident for ident in ids if ident in in_base]
@@ -351,10 +401,14 @@ def _order(
             elif owner.get(ident) in (side, "both"):
                 runs[side].setdefault(gap, []).append(ident)
     order: list[object] = []
+    head_runs, mine_runs = runs["head"], runs["mine"]
     for gap in (_START, *skeleton):
         if gap is not _START:
             order.append(gap)
-        theirs, ours = runs["head"].get(gap, []), runs["mine"].get(gap, [])
+        theirs, ours = head_runs.get(gap), mine_runs.get(gap)
+        if theirs is None and ours is None:
+            continue  # the common case: nobody placed a block here
+        theirs, ours = theirs or [], ours or []
         agreed, ours_agreed = _agreed(theirs, owner), _agreed(ours, owner)
         if agreed != ours_agreed:
             if not prefer_mine:
