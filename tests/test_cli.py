@@ -184,3 +184,83 @@ def test_an_unreachable_database_is_one_line(capsys: pytest.CaptureFixture[str])
     err = capsys.readouterr().err
     assert err.startswith("error: sql backend unavailable")
     assert len(err.splitlines()) == 1
+
+
+# --- history ---------------------------------------------------------------------------------
+
+
+def _history_url(engine: str, request: pytest.FixtureRequest, tmp_path: Any) -> str:
+    if engine == "sqlite":
+        return f"sqlite:///{tmp_path}/history.db"
+    schema = request.getfixturevalue("pg_schema")
+    return f"{request.getfixturevalue('postgres_url')}?options=-csearch_path%3D{schema}"
+
+
+def _two_documents(url: str, storage: str) -> None:
+    """Documents "a" and "b" at version 3; b's patch row of version 2 altered."""
+    import sqlalchemy as sa
+
+    from hardening import BlockHistory, DocumentHistory
+
+    engine = sa.create_engine(url)
+    history = BlockHistory(engine) if storage == "block" else DocumentHistory(engine)
+    history.create_schema()
+    for doc_id in ("a", "b"):
+        history.create(doc_id, [{"id": "x", "text": ""}])
+        for version in (1, 2):
+            patch = [{"op": "replace", "path": "/0/text", "value": f"v{version}"}]
+            history.save(doc_id, patch, base_version=version)
+    prefix = "hardening_block" if storage == "block" else "hardening_document"
+    altered = '[{"op":"replace","path":"/0/text","value":"forged"}]'
+    cast = "CAST(:p AS json)" if storage == "document" and engine.dialect.name != "sqlite" else ":p"
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                f"UPDATE {prefix}_patches SET patch = {cast} "
+                "WHERE document_id = 'b' AND version = 2"
+            ),
+            {"p": altered},
+        )
+    engine.dispose()
+
+
+@pytest.mark.parametrize("storage", ["document", "block"])
+@pytest.mark.parametrize("engine", ["sqlite", "postgres"])
+def test_history_verify_reports_damage_and_exits_1(
+    engine: str, storage: str, request: pytest.FixtureRequest, tmp_path: Any
+) -> None:
+    """``history verify --all`` prints one line per damaged document and a summary, exit 1;
+    sound documents alone exit 0."""
+    url = _history_url(engine, request, tmp_path)
+    _two_documents(url, storage)
+    options = ["history", "verify", "--database", url, "--storage", storage]
+    assert _run(*options, "--all") == (
+        1,
+        "corrupt b version 2: its patch row does not match its chain digest\n"
+        "checked 2 document(s): 1 corrupt or missing, 0 unchained row(s) "
+        "(saved before the checksums)\n",
+    )
+    status, text = _run(*options, "a")
+    assert (status, text.splitlines()[-1][:45]) == (
+        0,
+        "checked 1 document(s): 0 corrupt or missing, ",
+    )
+    status, text = _run(*options, "a", "nope")
+    assert status == 1
+    assert text.splitlines()[0] == "missing nope: no such document"
+
+
+def test_history_verify_usage_and_missing_tables(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Documents named or --all (exactly one: else status 2); tables that are not there: one
+    line, status 1."""
+    url = f"sqlite:///{tmp_path}/empty.db"
+    assert main(["history", "verify", "--database", url]) == 2
+    assert main(["history", "verify", "--database", url, "--all", "a"]) == 2
+    assert capsys.readouterr().err.count("DOC_ID") == 2
+    assert main(["history", "verify", "--database", url, "a"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: the history tables do not exist")
+    assert len(err.splitlines()) == 1
+    assert main(["history", "verify", "--database", "not a url", "--all"]) == 2

@@ -12,6 +12,7 @@ The tree::
     ├── BackendUnavailable (ConnectionError)         a store (Redis, SQL) did not answer 503
     ├── RateLimitExceeded                            a key is over its limit             429
     ├── NotFoundError (LookupError)                  a row, document or job is gone     404
+    ├── HistoryCorrupted                             stored history fails its checks     500
     ├── ConflictError                                optimistic-lock version mismatch    409
     ├── PreconditionError                            HTTP conditional request problems
     │   ├── PreconditionFailed                       If-Match did not match              412
@@ -50,6 +51,7 @@ __all__ = [
     "ConfigurationError",
     "ConflictError",
     "HardeningError",
+    "HistoryCorrupted",
     "InvalidCursor",
     "InvalidPatch",
     "JobRejected",
@@ -193,6 +195,33 @@ class NotFoundError(HardeningError, LookupError):
         self.entity = entity
         self.key = key
         super().__init__(f"{entity} {key!r} not found")
+
+
+class HistoryCorrupted(HardeningError):
+    """A document's stored history fails its checks: the server's data is damaged (HTTP 500).
+
+    Raised when rebuilding a version meets a patch row missing inside the kept range, a row
+    that does not parse or does not apply, or a row or snapshot that does not match its
+    checksum. It is never the client's fault (not a 404 or a 422): restore the rows from a
+    backup, or compact past the damage. ``hardening history verify`` finds every instance.
+
+    Args:
+        doc_id: the document's id.
+        version: the version whose row (patch or snapshot) is damaged.
+        reason: what is wrong, in words (never the stored data itself).
+
+    Attributes:
+        doc_id, version, reason: as given. A client is shown ``doc_id`` and ``version``.
+    """
+
+    title = "History corrupted"
+    _detail_fields: ClassVar[tuple[str, ...]] = ("doc_id", "version")
+
+    def __init__(self, doc_id: str, version: int, reason: str) -> None:
+        self.doc_id = doc_id
+        self.version = version
+        self.reason = reason
+        super().__init__(f"history of {doc_id!r} is corrupted at version {version}: {reason}")
 
 
 class ConflictError(HardeningError):
