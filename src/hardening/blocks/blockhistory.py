@@ -18,7 +18,7 @@ say. Until then older versions are rebuilt from an earlier snapshot and more pat
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -61,7 +61,7 @@ from hardening.blocks.history import (  # noqa: E402
 )
 from hardening.blocks.patch import DEFAULT_LIMITS, PatchLimits, _checked, patch_size  # noqa: E402
 from hardening.blocks.policy import SnapshotPolicy, compaction_floor  # noqa: E402
-from hardening.blocks.rebase import merge_patch  # noqa: E402
+from hardening.blocks.rebase import TEXT_FIELDS, merge_patch  # noqa: E402
 from hardening.errors import (  # noqa: E402
     ConfigurationError,
     ConflictError,
@@ -193,6 +193,8 @@ class BlockHistory(_SyncDriver, _HistoryBase):
             stored: your schema of a block (raise a :class:`~hardening.PatchError` or a
             :class:`~hardening.MalformedBody` to refuse; nothing is written). Only the blocks a
             save changes are checked, so its cost follows the edit too.
+        text_fields: members whose strings a merge combines as text (``()``: none).
+        delete_wins: a deletion drops concurrent edits inside the deleted block.
 
     Raises:
         ConfigurationError: an unknown conflict policy or a negative ``retries``.
@@ -213,6 +215,8 @@ class BlockHistory(_SyncDriver, _HistoryBase):
         metrics: Metrics | None = None,
         retries: int = 3,
         check_block: Callable[[Block], None] | None = None,
+        text_fields: Collection[str] = TEXT_FIELDS,
+        delete_wins: bool = False,
     ) -> None:
         self.check_block = check_block
         if not isinstance(blocks_key, str) or not blocks_key:
@@ -225,6 +229,8 @@ class BlockHistory(_SyncDriver, _HistoryBase):
             id_key=id_key,
             metrics=metrics,
             retries=retries,
+            text_fields=text_fields,
+            delete_wins=delete_wins,
         )
         self.engine = engine
         self._tables = page_tables(self.id_key, blocks_key)
@@ -373,6 +379,8 @@ class BlockHistory(_SyncDriver, _HistoryBase):
                     id_key=self.id_key,
                     limits=self.limits,
                     prefer_patch=self.conflict == "last-write-wins",
+                    text_fields=self.text_fields,
+                    delete_wins=self.delete_wins,
                 )
             ops = _checked(stored, None, trusted=True)[1] if merging else incoming
             changes = apply_to_page(

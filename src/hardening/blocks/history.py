@@ -14,7 +14,7 @@ A save is one transaction: read the head, apply (or merge) the patch in memory, 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Collection, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal
@@ -30,7 +30,7 @@ from hardening.blocks.patch import (
     validate_patch,
 )
 from hardening.blocks.policy import SnapshotPolicy, compaction_floor
-from hardening.blocks.rebase import merge_patch
+from hardening.blocks.rebase import TEXT_FIELDS, merge_patch
 from hardening.errors import ConfigurationError, ConflictError, NotFoundError
 
 require("sqlalchemy", extra="sqlalchemy", feature="hardening.DocumentHistory")
@@ -151,6 +151,8 @@ class _HistoryBase:
         id_key: str,
         metrics: Metrics | None,
         retries: int,
+        text_fields: Collection[str] = TEXT_FIELDS,
+        delete_wins: bool = False,
     ) -> None:
         if conflict not in _CONFLICT_POLICIES:
             raise ConfigurationError(f"conflict must be one of {_CONFLICT_POLICIES}")
@@ -162,6 +164,8 @@ class _HistoryBase:
         self.id_key = id_key
         self.metrics = metrics
         self.retries = retries
+        self.text_fields = tuple(text_fields)
+        self.delete_wins = delete_wins
 
     def _new_document(self, doc_id: str, content: object) -> bytes:
         """Check a new document's id and content; return the content's compact JSON."""
@@ -203,6 +207,8 @@ class _HistoryBase:
                 id_key=self.id_key,
                 limits=self.limits,
                 prefer_patch=self.conflict == "last-write-wins",
+                text_fields=self.text_fields,
+                delete_wins=self.delete_wins,
             )
         size = patch_size(stored)
         digest = link(head.digest, head.version + 1, canonical(stored))  # the version it makes
@@ -282,6 +288,10 @@ class DocumentHistory(_SyncDriver, _HistoryBase):
         metrics: a registry for ``patch_applied`` (operations, bytes, blocks) and conflicts.
         retries: with ``"rebase"`` or ``"last-write-wins"``, how many times a save that lost
             the race for the head row re-reads it and merges again before raising.
+        text_fields: members whose strings a merge combines as text (edits of different parts
+            both land; see :func:`~hardening.rebase`); ``()`` for none.
+        delete_wins: when merging, a block deleted on one side stays deleted and the other
+            side's edits inside it are dropped, instead of a ``PatchConflict``.
 
     Raises:
         ConfigurationError: an unknown conflict policy or a negative ``retries``.
@@ -297,6 +307,8 @@ class DocumentHistory(_SyncDriver, _HistoryBase):
         id_key: str = "id",
         metrics: Metrics | None = None,
         retries: int = 3,
+        text_fields: Collection[str] = TEXT_FIELDS,
+        delete_wins: bool = False,
     ) -> None:
         super().__init__(
             snapshots=snapshots,
@@ -305,6 +317,8 @@ class DocumentHistory(_SyncDriver, _HistoryBase):
             id_key=id_key,
             metrics=metrics,
             retries=retries,
+            text_fields=text_fields,
+            delete_wins=delete_wins,
         )
         self.engine = engine
 
@@ -564,6 +578,8 @@ class AsyncDocumentHistory(_HistoryBase):
         id_key: the member holding each block's id.
         metrics: a registry for ``patch_applied`` and conflicts.
         retries: re-reads after losing the race for the head row (merging policies).
+        text_fields: members whose strings a merge combines as text.
+        delete_wins: a deletion drops concurrent edits inside the deleted block.
 
     Raises:
         ConfigurationError: an unknown conflict policy or a negative ``retries``.
@@ -579,6 +595,8 @@ class AsyncDocumentHistory(_HistoryBase):
         id_key: str = "id",
         metrics: Metrics | None = None,
         retries: int = 3,
+        text_fields: Collection[str] = TEXT_FIELDS,
+        delete_wins: bool = False,
     ) -> None:
         super().__init__(
             snapshots=snapshots,
@@ -587,6 +605,8 @@ class AsyncDocumentHistory(_HistoryBase):
             id_key=id_key,
             metrics=metrics,
             retries=retries,
+            text_fields=text_fields,
+            delete_wins=delete_wins,
         )
         self.engine = engine
 
