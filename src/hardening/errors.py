@@ -38,12 +38,11 @@ The tree::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
-
-    from hardening.data.batch import InsertReport
 
 __all__ = [
     "BackendUnavailable",
@@ -376,6 +375,37 @@ class InvalidCursor(HardeningError, ValueError):
         super().__init__(f"invalid pagination cursor ({reason})")
 
 
+class BatchReport(Protocol):
+    """What a batched insert did before it stopped (:class:`~hardening.InsertReport` is one).
+
+    Declared here so that this module depends on nothing else in the package.
+    """
+
+    @property
+    def inserted(self) -> int:
+        """Rows written."""
+
+    @property
+    def skipped(self) -> int:
+        """Rows left out because they conflicted."""
+
+    @property
+    def rejected(self) -> Sequence[object]:
+        """The rows refused (``RejectedRow``), in input order."""
+
+    @property
+    def batches(self) -> int:
+        """Batches sent."""
+
+    @property
+    def seconds(self) -> float:
+        """Wall time taken."""
+
+    @property
+    def method(self) -> str:
+        """``"copy"``, ``"executemany"`` or ``"copy+executemany"``."""
+
+
 class RowRejected(HardeningError, ValueError):
     """A batched insert asked to stop on the first bad row met one (``stop_on_error=True``).
 
@@ -393,7 +423,7 @@ class RowRejected(HardeningError, ValueError):
     title = "Row rejected"
     _detail_fields: ClassVar[tuple[str, ...]] = ("index", "reason")
 
-    def __init__(self, index: int, reason: str, *, report: InsertReport | None = None) -> None:
+    def __init__(self, index: int, reason: str, *, report: BatchReport | None = None) -> None:
         self.index = index
         self.reason = reason
         self.report = report
