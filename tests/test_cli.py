@@ -158,6 +158,56 @@ def test_worker_command_processes_and_stops_gracefully(tmp_path: Any) -> None:
     backend.close()
 
 
+def test_worker_serves_its_metrics(tmp_path: Any) -> None:
+    """``hardening worker --metrics-port``: the worker's own jobs and queue depth on /metrics."""
+    import os
+    import signal
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    from hardening.queue.backends.sql import SQLBackend
+    from tests.queue.cli_app import Echo
+
+    url = f"sqlite:///{tmp_path}/m.db"
+    backend = SQLBackend(url)
+    backend.create_schema()
+    for n in range(3):
+        Echo(backend).enqueue({"n": n})
+    root = Path(__file__).resolve().parent.parent
+    worker = subprocess.Popen(
+        [
+            sys.executable, "-m", "hardening.cli", "worker", "tests.queue.cli_app:Echo",
+            "--backend", url, "--metrics-port", "0", "--metrics-host", "127.0.0.1",
+        ],
+        cwd=root,
+        env={**os.environ, "ECHO_LOG": str(tmp_path / "echo.log")},
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert worker.stdout is not None
+        first = worker.stdout.readline()
+        assert "metrics on http://127.0.0.1:" in first, first
+        address = first.rsplit(" ", 1)[1].strip()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and backend.stats("cli").completed < 3:
+            time.sleep(0.05)
+        with urllib.request.urlopen(address, timeout=10) as response:
+            body = response.read().decode()
+            assert response.headers["Content-Type"].startswith("text/plain")
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(address.replace("/metrics", "/other"), timeout=10)
+        assert missing.value.code == 404
+        missing.value.close()
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.communicate(timeout=30)
+    assert worker.returncode == 0
+    assert 'hardening_jobs_total{outcome="completed",queue="cli"} 3.0' in body
+    backend.close()
+
+
 @pytest.mark.parametrize("engine", ["sqlite", "postgres"])
 def test_a_missing_table_is_one_line_naming_the_fix(
     engine: str, request: pytest.FixtureRequest, tmp_path: Any, capsys: pytest.CaptureFixture[str]

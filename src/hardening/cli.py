@@ -109,6 +109,18 @@ def _queue_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     )
     worker.add_argument("--concurrency", type=int, default=None)
     worker.add_argument("--queue", default=None, help="override the processor's queue name")
+    worker.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve this worker's Prometheus metrics (queue depth, jobs, durations) on "
+        "http://HOST:PORT/metrics",
+    )
+    worker.add_argument(
+        "--metrics-host",
+        default="0.0.0.0",  # a scraper reaches the pod's address, as with start_http_server
+        help="address for --metrics-port (default %(default)s)",
+    )
     queue = sub.add_parser("queue", help="inspect and operate a queue")
     actions = queue.add_subparsers(dest="action", required=True)
     texts = {
@@ -180,10 +192,21 @@ def _worker(args: argparse.Namespace, out: TextIO) -> int:
         options["concurrency"] = args.concurrency
     if args.queue is not None:
         options["queue"] = args.queue
+    server = None
+    if args.metrics_port is not None:
+        from hardening.metrics import Metrics
+
+        options["metrics"] = metrics = Metrics()
+        server = _serve_metrics(metrics, args.metrics_host, args.metrics_port)
     processor = cls(args.backend, **options)
+    where = ""
+    if server is not None:
+        host, port = server.server_address[:2]
+        where = f"; metrics on http://{host}:{port}/metrics"
     print(
         f"worker {processor.worker_id}: queue {processor.queue_name!r} on "
-        f"{type(processor.backend).__name__}, concurrency {processor.options.concurrency}",
+        f"{type(processor.backend).__name__}, concurrency {processor.options.concurrency}"
+        f"{where}",
         file=out,
         flush=True,
     )
@@ -191,8 +214,38 @@ def _worker(args: argparse.Namespace, out: TextIO) -> int:
         processor.run()
     finally:
         processor.close()
+        if server is not None:
+            server.shutdown()
+            server.server_close()
     print("worker stopped", file=out)
     return 0
+
+
+def _serve_metrics(metrics: Any, host: str, port: int) -> Any:
+    """``GET /metrics`` from ``metrics`` on a daemon thread (``port`` 0: any free port)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # the http.server protocol
+            if self.path.split("?", 1)[0] != "/metrics":
+                self.send_error(404)
+                return
+            body, headers = metrics.render_response(
+                self.headers.get("Accept"), self.headers.get("Accept-Encoding")
+            )
+            self.send_response(200)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # a scrape every few seconds is not news
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server
 
 
 def _queue(args: argparse.Namespace, out: TextIO) -> int:
@@ -338,7 +391,11 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
         The exit status: 0 on success, 1 when a backend failed (or ``history verify`` found a
         damaged or missing document), 2 on bad usage.
     """
-    parser = argparse.ArgumentParser(prog="hardening", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="hardening",
+        description="Operate hardening's primitives from a shell: rate-limit keys, queue "
+        "workers and queues, stored document histories.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _ratelimit_parser(sub)
     _queue_parsers(sub)
