@@ -106,6 +106,18 @@ def test_bool_int_float_are_different(before: object, after: object) -> None:
     assert ops == [{"op": "replace", "path": "/0/v", "value": after}]
 
 
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [({"a": 0.0}, {"a": -0.0}), ([0.0], [-0.0]), ({"a": [1, -0.0]}, {"a": [1, 0.0]})],
+)
+def test_zero_and_negative_zero_differ(old: object, new: object) -> None:
+    """``0.0`` and ``-0.0`` are equal numbers but different JSON: a change, replaced exactly."""
+    ops = diff(old, new)
+    assert len(ops) == 1
+    assert ops[0]["op"] == "replace"
+    assert json.dumps(apply_patch(old, ops)) == json.dumps(new)
+
+
 def test_key_order_is_no_change() -> None:
     """The same members in another order are the same block."""
     assert diff_blocks([{"id": 1, "a": 1, "b": 2}], [{"b": 2, "id": 1, "a": 1}]) == []

@@ -519,4 +519,6 @@ def _content_key(item: object) -> object:
             return _Content("json", json.dumps(item, sort_keys=True, separators=(",", ":")))
         except (TypeError, ValueError, RecursionError):
             return _Content("object", id(item))  # not JSON: matches only itself
+    if type(item) is float:
+        return _Content("float", repr(item))  # 0.0 and -0.0 are equal, their JSON is not
     return _Content(type(item).__name__, item)
