@@ -158,6 +158,56 @@ def test_worker_command_processes_and_stops_gracefully(tmp_path: Any) -> None:
     backend.close()
 
 
+def test_worker_serves_its_metrics(tmp_path: Any) -> None:
+    """``hardening worker --metrics-port``: the worker's own jobs and queue depth on /metrics."""
+    import os
+    import signal
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    from hardening.queue.backends.sql import SQLBackend
+    from tests.queue.cli_app import Echo
+
+    url = f"sqlite:///{tmp_path}/m.db"
+    backend = SQLBackend(url)
+    backend.create_schema()
+    for n in range(3):
+        Echo(backend).enqueue({"n": n})
+    root = Path(__file__).resolve().parent.parent
+    worker = subprocess.Popen(
+        [
+            sys.executable, "-m", "hardening.cli", "worker", "tests.queue.cli_app:Echo",
+            "--backend", url, "--metrics-port", "0", "--metrics-host", "127.0.0.1",
+        ],
+        cwd=root,
+        env={**os.environ, "ECHO_LOG": str(tmp_path / "echo.log")},
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert worker.stdout is not None
+        first = worker.stdout.readline()
+        assert "metrics on http://127.0.0.1:" in first, first
+        address = first.rsplit(" ", 1)[1].strip()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and backend.stats("cli").completed < 3:
+            time.sleep(0.05)
+        with urllib.request.urlopen(address, timeout=10) as response:
+            body = response.read().decode()
+            assert response.headers["Content-Type"].startswith("text/plain")
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(address.replace("/metrics", "/other"), timeout=10)
+        assert missing.value.code == 404
+        missing.value.close()
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.communicate(timeout=30)
+    assert worker.returncode == 0
+    assert 'hardening_jobs_total{outcome="completed",queue="cli"} 3.0' in body
+    backend.close()
+
+
 @pytest.mark.parametrize("engine", ["sqlite", "postgres"])
 def test_a_missing_table_is_one_line_naming_the_fix(
     engine: str, request: pytest.FixtureRequest, tmp_path: Any, capsys: pytest.CaptureFixture[str]
@@ -184,3 +234,83 @@ def test_an_unreachable_database_is_one_line(capsys: pytest.CaptureFixture[str])
     err = capsys.readouterr().err
     assert err.startswith("error: sql backend unavailable")
     assert len(err.splitlines()) == 1
+
+
+# --- history ---------------------------------------------------------------------------------
+
+
+def _history_url(engine: str, request: pytest.FixtureRequest, tmp_path: Any) -> str:
+    if engine == "sqlite":
+        return f"sqlite:///{tmp_path}/history.db"
+    schema = request.getfixturevalue("pg_schema")
+    return f"{request.getfixturevalue('postgres_url')}?options=-csearch_path%3D{schema}"
+
+
+def _two_documents(url: str, storage: str) -> None:
+    """Documents "a" and "b" at version 3; b's patch row of version 2 altered."""
+    import sqlalchemy as sa
+
+    from hardening import BlockHistory, DocumentHistory
+
+    engine = sa.create_engine(url)
+    history = BlockHistory(engine) if storage == "block" else DocumentHistory(engine)
+    history.create_schema()
+    for doc_id in ("a", "b"):
+        history.create(doc_id, [{"id": "x", "text": ""}])
+        for version in (1, 2):
+            patch = [{"op": "replace", "path": "/0/text", "value": f"v{version}"}]
+            history.save(doc_id, patch, base_version=version)
+    prefix = "hardening_block" if storage == "block" else "hardening_document"
+    altered = '[{"op":"replace","path":"/0/text","value":"forged"}]'
+    cast = "CAST(:p AS json)" if storage == "document" and engine.dialect.name != "sqlite" else ":p"
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                f"UPDATE {prefix}_patches SET patch = {cast} "
+                "WHERE document_id = 'b' AND version = 2"
+            ),
+            {"p": altered},
+        )
+    engine.dispose()
+
+
+@pytest.mark.parametrize("storage", ["document", "block"])
+@pytest.mark.parametrize("engine", ["sqlite", "postgres"])
+def test_history_verify_reports_damage_and_exits_1(
+    engine: str, storage: str, request: pytest.FixtureRequest, tmp_path: Any
+) -> None:
+    """``history verify --all`` prints one line per damaged document and a summary, exit 1;
+    sound documents alone exit 0."""
+    url = _history_url(engine, request, tmp_path)
+    _two_documents(url, storage)
+    options = ["history", "verify", "--database", url, "--storage", storage]
+    assert _run(*options, "--all") == (
+        1,
+        "corrupt b version 2: its patch row does not match its chain digest\n"
+        "checked 2 document(s): 1 corrupt or missing, 0 unchained row(s) "
+        "(saved before the checksums)\n",
+    )
+    status, text = _run(*options, "a")
+    assert (status, text.splitlines()[-1][:45]) == (
+        0,
+        "checked 1 document(s): 0 corrupt or missing, ",
+    )
+    status, text = _run(*options, "a", "nope")
+    assert status == 1
+    assert text.splitlines()[0] == "missing nope: no such document"
+
+
+def test_history_verify_usage_and_missing_tables(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Documents named or --all (exactly one: else status 2); tables that are not there: one
+    line, status 1."""
+    url = f"sqlite:///{tmp_path}/empty.db"
+    assert main(["history", "verify", "--database", url]) == 2
+    assert main(["history", "verify", "--database", url, "--all", "a"]) == 2
+    assert capsys.readouterr().err.count("DOC_ID") == 2
+    assert main(["history", "verify", "--database", url, "a"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: the history tables do not exist")
+    assert len(err.splitlines()) == 1
+    assert main(["history", "verify", "--database", "not a url", "--all"]) == 2

@@ -49,7 +49,10 @@ def _release(namespace: dict[str, object]) -> None:
     leak is reported against this page and not against whichever test runs next."""
     for value in list(namespace.values()):
         for method in ("dispose", "close"):
-            close = getattr(value, method, None)
+            try:
+                close = getattr(value, method, None)
+            except RuntimeError:  # a context-bound proxy (flask.request) outside its context
+                break
             if callable(close) and not isinstance(value, type):
                 with contextlib.suppress(TypeError):  # needs arguments: not a closer
                     close()

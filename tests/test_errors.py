@@ -13,6 +13,7 @@ from hardening.errors import (
     ConfigurationError,
     ConflictError,
     HardeningError,
+    HistoryCorrupted,
     InvalidCursor,
     InvalidPatch,
     JobRejected,
@@ -90,6 +91,7 @@ def test_patch_errors_carry_op_and_index() -> None:
         (RowRejected(3, "duplicate key"), 422),
         (CacheError("k", "not JSON"), 500),
         (ValueTooLarge("k", 2048, 1024), 500),
+        (HistoryCorrupted("page-1", 7, "its patch row is missing"), 500),
     ],
 )
 def test_each_error_has_one_http_status(exc: HardeningError, status: int) -> None:
@@ -119,6 +121,20 @@ def test_value_too_large_carries_sizes() -> None:
     assert exc.details() == {"size": 2_000_000, "max_bytes": 1_048_576}
 
 
+def test_history_corrupted_is_the_servers_fault() -> None:
+    """Damaged stored history: a 500 carrying the document and version, never a client error;
+    the client is shown which version, not the reason."""
+    exc = HistoryCorrupted("page-1", 7, "its patch row does not match its chain digest")
+    assert (exc.doc_id, exc.version, exc.reason) == (
+        "page-1",
+        7,
+        "its patch row does not match its chain digest",
+    )
+    assert not isinstance(exc, (NotFoundError, PatchError, LookupError, ValueError))
+    assert exc.details() == {"doc_id": "page-1", "version": 7}
+    assert "version 7" in str(exc)
+
+
 def test_details_are_declared_attributes() -> None:
     """``details()`` only names attributes each error really sets."""
     exc = PatchConflict("clash", block_id="b", field="/content", op_index=0, op={"op": "x"})
@@ -146,6 +162,7 @@ def test_errors_pickle_with_their_data() -> None:
         PatchLimitExceeded("too many", limit="max_ops", value=5, maximum=4, op_index=1),
         RateLimitExceeded("k", 2.0, headers={"Retry-After": "2"}),
         ValueTooLarge("k", 10, 5),
+        HistoryCorrupted("page-1", 7, "its patch row is missing"),
     ):
         again = pickle.loads(pickle.dumps(exc))
         assert type(again) is type(exc)

@@ -5,6 +5,8 @@ server with ``--dev`` (also used where gunicorn is unavailable, e.g. on Windows)
 defaults: a SQLite file ``pages.db`` in the current directory, an in-memory rate limiter and
 the indexing worker inside the web process. Configure with the environment (``DATABASE_URL``,
 ``REDIS_URL``, ``ADMIN_TOKEN``, ``WORKER_MODE``, ...; see ``examples/flask_pages/README.md``).
+An unusable setting (an ``ADMIN_TOKEN`` under 16 characters, say) is one line on stderr and exit
+status 2.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from examples.pages_service.store import Settings, SettingsError
 
 CONFIG = Path(__file__).with_name("gunicorn.conf.py")
 APP = "examples.flask_pages.wsgi:app"
@@ -56,6 +60,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--dev", action="store_true", help="werkzeug's development server instead of gunicorn"
     )
     args = parser.parse_args(argv)
+    try:
+        Settings.from_env()  # each worker reads them again; refuse here, before any starts
+    except SettingsError as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -65,13 +73,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.dev:
         run_dev_server(args.host, args.port)
         return
-    workers = args.workers or int(os.environ.get("WEB_CONCURRENCY", "1"))
-    if workers > 1 and not os.environ.get("REDIS_URL"):
-        logger.warning(
-            "%d workers with an in-memory rate limiter: each process counts alone; "
-            "set REDIS_URL to share the limits",
-            workers,
-        )
+    # gunicorn.conf.py's on_starting checks the settings and warns about several workers
     sys.argv = gunicorn_argv(args.host, args.port, args.workers)
     importlib.import_module("gunicorn.app.wsgiapp").run()  # the `gunicorn` command
 

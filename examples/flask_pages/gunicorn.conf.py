@@ -19,8 +19,10 @@ yet.) ``worker_exit`` stops it, letting its in-flight jobs finish.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
+from examples.pages_service.store import Settings, SettingsError, process_warnings
 from hardening import gunicorn_child_exit, wipe_multiprocess_dir
 
 wsgi_app = "examples.flask_pages.wsgi:app"
@@ -42,7 +44,16 @@ def _service(worker: Any) -> Any:
 
 
 def on_starting(server: Any) -> None:
-    """In the master, before any worker: empty the multiprocess directory of a previous run."""
+    """In the master, before any worker: check the settings (an unusable one is one line and
+    exit status 2), warn once about what several workers need, and empty the multiprocess
+    directory of a previous run."""
+    try:
+        Settings.from_env()
+    except SettingsError as exc:
+        server.log.error("error: %s", exc)
+        sys.exit(2)
+    for warning in process_warnings(server.cfg.workers, os.environ):
+        server.log.warning(warning)
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         wipe_multiprocess_dir()
 

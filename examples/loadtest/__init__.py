@@ -1,9 +1,20 @@
 """Load test for the pages service: simulated users editing shared pages, then verification.
 
-Run the service (``python -m examples.pages_service --port 8000``), then::
+Run the service with an admin token and its limits raised: every simulated user comes from this
+host, so all of them share one per-IP budget (``IP_LIMIT``, 600 requests a minute by default),
+and each saves about once per ``--think`` second, over the default ``SAVE_LIMIT`` of 30 a
+minute; with the defaults the run measures the service's own 429s::
+
+    export ADMIN_TOKEN=$(python -c 'import secrets; print(secrets.token_urlsafe(32))')
+    IP_LIMIT=1000000/minute SAVE_LIMIT=1000/minute python -m examples.pages_service --port 8000
+
+then, with the same ``ADMIN_TOKEN``::
 
     python -m examples.loadtest --url http://127.0.0.1:8000 --users 50 --pages 10 \\
         --blocks 100 --duration 30 --admin-token "$ADMIN_TOKEN" --json results.json
+
+(``examples/pages_service/README.md``, "Load test": the same on PostgreSQL, Redis and two
+worker processes.)
 
 What it does:
 

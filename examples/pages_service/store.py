@@ -60,6 +60,17 @@ MAX_CONTENT = 20_000
 _WORD = re.compile(r"\w{2,40}", re.UNICODE)
 
 
+MIN_ADMIN_TOKEN = 16  # RateLimitMiddleware refuses shorter bypass tokens
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value the service cannot run with.
+
+    The message names the variable and the fix; ``python -m examples.pages_service`` prints it
+    as one line and exits with status 2.
+    """
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the service is configured with; :meth:`from_env` reads the environment.
@@ -93,29 +104,45 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Read the settings from environment variables (see the attributes)."""
+        """Read the settings from environment variables (see the attributes).
+
+        Raises:
+            SettingsError: a variable's value is unusable (the message names it and the fix).
+        """
         env = os.environ if environ is None else environ
         worker = env.get("WORKER_MODE", "inprocess")
         if worker not in ("inprocess", "external", "off"):
-            raise ValueError(f"WORKER_MODE must be inprocess, external or off, not {worker!r}")
+            raise SettingsError(f"WORKER_MODE must be inprocess, external or off, not {worker!r}")
         tokens: dict[str, tuple[str, str]] = {}
         for entry in filter(None, (e.strip() for e in env.get("API_TOKENS", "").split(","))):
             token, _, rest = entry.partition(":")
             user, _, tier = rest.partition(":")
             if not token or not user:
-                raise ValueError("API_TOKENS entries are token:user[:tier]")
+                raise SettingsError("API_TOKENS entries are token:user[:tier]")
             tokens[token] = (user, tier or "free")
+        admin_token = env.get("ADMIN_TOKEN") or None
+        if admin_token is not None and len(admin_token) < MIN_ADMIN_TOKEN:
+            raise SettingsError(
+                f"ADMIN_TOKEN must be at least {MIN_ADMIN_TOKEN} characters, not "
+                f"{len(admin_token)}: set a longer one, e.g. ADMIN_TOKEN=$(python -c "
+                "'import secrets; print(secrets.token_urlsafe(32))'), or unset it"
+            )
+        block_for = env.get("SAVE_BLOCK_FOR") or str(cls.save_block_for)
+        try:
+            save_block_for = float(block_for)
+        except ValueError:
+            raise SettingsError(f"SAVE_BLOCK_FOR is seconds, not {block_for!r}") from None
         return cls(
             database_url=env.get("DATABASE_URL") or cls.database_url,
             redis_url=env.get("REDIS_URL") or None,
-            admin_token=env.get("ADMIN_TOKEN") or None,
+            admin_token=admin_token,
             worker=worker,  # type: ignore[arg-type]
             trusted_proxies=tuple(
                 p.strip() for p in env.get("TRUSTED_PROXIES", "").split(",") if p.strip()
             ),
             api_tokens=tokens,
             save_limit=env.get("SAVE_LIMIT") or cls.save_limit,
-            save_block_for=float(env.get("SAVE_BLOCK_FOR") or cls.save_block_for),
+            save_block_for=save_block_for,
             ip_limit=env.get("IP_LIMIT") or cls.ip_limit,
             key_prefix=env.get("KEY_PREFIX") or cls.key_prefix,
         )
@@ -130,6 +157,37 @@ class Settings:
             f"admin bypass {'on' if self.admin_token else 'off'}; "
             f"{len(self.api_tokens)} API token(s)"
         )
+
+
+def process_warnings(workers: int, environ: Mapping[str, str]) -> list[str]:
+    """What is wrong with serving the app from ``workers`` processes in this environment.
+
+    Each process has its own memory, so without ``REDIS_URL`` each counts the rate limits
+    alone, and without ``PROMETHEUS_MULTIPROC_DIR`` ``/metrics`` shows only the process that
+    answered the scrape. The commands that start the servers log each warning once.
+
+    Args:
+        workers: the web worker processes (uvicorn ``--workers``, gunicorn ``workers``).
+        environ: the environment the workers will have.
+
+    Returns:
+        One message per problem, each naming the fix; empty for one process.
+    """
+    if workers <= 1:
+        return []
+    warnings = []
+    if not environ.get("REDIS_URL"):
+        warnings.append(
+            f"{workers} workers with an in-memory rate limiter: each process counts alone; "
+            "set REDIS_URL to share the limits"
+        )
+    if not environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        warnings.append(
+            f"{workers} workers without PROMETHEUS_MULTIPROC_DIR: /metrics shows only the "
+            "worker that answers each scrape; set PROMETHEUS_MULTIPROC_DIR to an empty "
+            "directory of its own"
+        )
+    return warnings
 
 
 def _hide(url: str) -> str:

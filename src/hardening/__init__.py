@@ -18,6 +18,7 @@ from hardening.errors import (
     ConfigurationError,
     ConflictError,
     HardeningError,
+    HistoryCorrupted,
     InvalidCursor,
     InvalidPatch,
     JobRejected,
@@ -66,6 +67,7 @@ if _typing.TYPE_CHECKING:
         ConflictPolicy,
         DocumentHistory,
         DocumentVersion,
+        HistoryReport,
     )
     from hardening.cache import (
         DEFAULT_TTL_PROFILES,
@@ -220,6 +222,7 @@ _LAZY: dict[str, str] = {
     "ConflictPolicy": "hardening.blocks.history",
     "DocumentHistory": "hardening.blocks.history",
     "DocumentVersion": "hardening.blocks.history",
+    "HistoryReport": "hardening.blocks.history",
     "PatchLimits": "hardening.blocks",
     "SnapshotPolicy": "hardening.blocks",
     "apply_patch": "hardening.blocks",
@@ -308,6 +311,8 @@ __all__ = [  # noqa: RUF022
     "GuardedHistogram",
     "HardeningError",
     "HistogramTimer",
+    "HistoryCorrupted",
+    "HistoryReport",
     "HttpRequestTimer",
     "InsertReport",
     "InvalidCursor",

@@ -6,6 +6,9 @@
   SIGTERM/SIGINT (graceful: in-flight jobs finish, the rest are released).
 - ``hardening queue init|stats|dead|requeue|purge|cleanup``: operate a queue (``--backend URL``,
   ``--queue NAME``).
+- ``hardening history verify --database URL [--storage document|block] (DOC_ID ... | --all)``:
+  check documents' stored histories (rows, checksum chain, snapshots, head); one line per
+  damaged or missing document, then a summary; exit status 1 if any.
 """
 
 from __future__ import annotations
@@ -106,6 +109,18 @@ def _queue_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     )
     worker.add_argument("--concurrency", type=int, default=None)
     worker.add_argument("--queue", default=None, help="override the processor's queue name")
+    worker.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve this worker's Prometheus metrics (queue depth, jobs, durations) on "
+        "http://HOST:PORT/metrics",
+    )
+    worker.add_argument(
+        "--metrics-host",
+        default="0.0.0.0",  # a scraper reaches the pod's address, as with start_http_server
+        help="address for --metrics-port (default %(default)s)",
+    )
     queue = sub.add_parser("queue", help="inspect and operate a queue")
     actions = queue.add_subparsers(dest="action", required=True)
     texts = {
@@ -177,10 +192,21 @@ def _worker(args: argparse.Namespace, out: TextIO) -> int:
         options["concurrency"] = args.concurrency
     if args.queue is not None:
         options["queue"] = args.queue
+    server = None
+    if args.metrics_port is not None:
+        from hardening.metrics import Metrics
+
+        options["metrics"] = metrics = Metrics()
+        server = _serve_metrics(metrics, args.metrics_host, args.metrics_port)
     processor = cls(args.backend, **options)
+    where = ""
+    if server is not None:
+        host, port = server.server_address[:2]
+        where = f"; metrics on http://{host}:{port}/metrics"
     print(
         f"worker {processor.worker_id}: queue {processor.queue_name!r} on "
-        f"{type(processor.backend).__name__}, concurrency {processor.options.concurrency}",
+        f"{type(processor.backend).__name__}, concurrency {processor.options.concurrency}"
+        f"{where}",
         file=out,
         flush=True,
     )
@@ -188,8 +214,38 @@ def _worker(args: argparse.Namespace, out: TextIO) -> int:
         processor.run()
     finally:
         processor.close()
+        if server is not None:
+            server.shutdown()
+            server.server_close()
     print("worker stopped", file=out)
     return 0
+
+
+def _serve_metrics(metrics: Any, host: str, port: int) -> Any:
+    """``GET /metrics`` from ``metrics`` on a daemon thread (``port`` 0: any free port)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # the http.server protocol
+            if self.path.split("?", 1)[0] != "/metrics":
+                self.send_error(404)
+                return
+            body, headers = metrics.render_response(
+                self.headers.get("Accept"), self.headers.get("Accept-Encoding")
+            )
+            self.send_response(200)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # a scrape every few seconds is not news
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server
 
 
 def _queue(args: argparse.Namespace, out: TextIO) -> int:
@@ -237,6 +293,93 @@ def _queue(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _history_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    default_database = os.environ.get("HARDENING_HISTORY_DATABASE", "")
+    history = sub.add_parser("history", help="check stored document histories")
+    actions = history.add_subparsers(dest="action", required=True)
+    verify = actions.add_parser(
+        "verify", help="walk each document's history: rows, checksum chain, snapshots, head"
+    )
+    verify.add_argument("doc_ids", nargs="*", metavar="DOC_ID", help="the documents to check")
+    verify.add_argument("--all", action="store_true", help="check every document")
+    verify.add_argument(
+        "--database",
+        default=default_database,
+        required=not default_database,
+        help="SQLAlchemy URL of the database (default: $HARDENING_HISTORY_DATABASE)",
+    )
+    verify.add_argument(
+        "--storage",
+        choices=["document", "block"],
+        default="document",
+        help="DocumentHistory's tables (default) or BlockHistory's",
+    )
+    verify.add_argument("--id-key", default="id", help="the blocks' id member (block storage)")
+    verify.add_argument(
+        "--blocks-key", default="blocks", help="the member holding the blocks (block storage)"
+    )
+
+
+def _history(args: argparse.Namespace, out: TextIO) -> int:
+    if bool(args.doc_ids) == args.all:
+        print("error: name the documents to check (DOC_ID ...) or give --all", file=sys.stderr)
+        return 2
+    from hardening._imports import require
+
+    require("sqlalchemy", extra="sqlalchemy", feature="hardening history verify")
+    import sqlalchemy as sa
+
+    from hardening.blocks._integrity import document_ids
+    from hardening.errors import NotFoundError
+
+    try:
+        engine = sa.create_engine(args.database)
+    except sa.exc.ArgumentError as exc:
+        print(f"error: --database is not a database URL: {exc}", file=sys.stderr)
+        return 2
+    try:
+        history: Any
+        if args.storage == "block":
+            from hardening.blocks._blockrows import heads
+            from hardening.blocks.blockhistory import BlockHistory
+
+            history = BlockHistory(engine, id_key=args.id_key, blocks_key=args.blocks_key)
+        else:
+            from hardening.blocks._docrows import documents as heads
+            from hardening.blocks.history import DocumentHistory
+
+            history = DocumentHistory(engine)
+        names = document_ids(engine, heads) if args.all else args.doc_ids
+        checked = damaged = unchained = 0
+        for doc_id in names:
+            checked += 1
+            try:
+                report = history.verify(doc_id)
+            except NotFoundError:
+                damaged += 1
+                print(f"missing {_printable(doc_id)}: no such document", file=out)
+                continue
+            unchained += report.unchained
+            if report.problem is not None:
+                damaged += 1
+                problem = report.problem
+                reason = " ".join(problem.reason.split())
+                print(f"corrupt {_printable(doc_id)} version {problem.version}: {reason}", file=out)
+        print(
+            f"checked {checked} document(s): {damaged} corrupt or missing, "
+            f"{unchained} unchained row(s) (saved before the checksums)",
+            file=out,
+        )
+        return 1 if damaged else 0
+    finally:
+        engine.dispose()
+
+
+def _printable(text: str) -> str:
+    """``text`` as it is, or quoted if it would break the one-line output."""
+    return text if text.isprintable() and text.strip() == text and text else repr(text)
+
+
 def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int:
     """Run the ``hardening`` command.
 
@@ -245,15 +388,21 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
         out: where to print (default: standard output).
 
     Returns:
-        The exit status: 0 on success, 1 when a backend failed, 2 on bad usage.
+        The exit status: 0 on success, 1 when a backend failed (or ``history verify`` found a
+        damaged or missing document), 2 on bad usage.
     """
-    parser = argparse.ArgumentParser(prog="hardening", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="hardening",
+        description="Operate hardening's primitives from a shell: rate-limit keys, queue "
+        "workers and queues, stored document histories.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _ratelimit_parser(sub)
     _queue_parsers(sub)
+    _history_parsers(sub)
     args = parser.parse_args(argv)
     stream = out or sys.stdout
-    handlers = {"ratelimit": _ratelimit, "worker": _worker, "queue": _queue}
+    handlers = {"ratelimit": _ratelimit, "worker": _worker, "queue": _queue, "history": _history}
     try:
         return handlers[args.command](args, stream)
     except Exception as exc:
@@ -261,7 +410,7 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
         # cannot tell a missing table from an outage: look behind BackendUnavailable too)
         if _missing_table(exc) or _missing_table(exc.__cause__):
             print(
-                "error: the queue's table does not exist: run 'hardening queue init'",
+                f"error: {_MISSING_TABLE.get(args.command, _MISSING_TABLE['queue'])}",
                 file=sys.stderr,
             )
             return 1
@@ -269,6 +418,12 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
             print(f"error: {exc}", file=sys.stderr)
             return 1
         raise
+
+
+_MISSING_TABLE = {
+    "queue": "the queue's table does not exist: run 'hardening queue init'",
+    "history": "the history tables do not exist in this database (check --database, --storage)",
+}
 
 
 def _missing_table(exc: BaseException | None) -> bool:

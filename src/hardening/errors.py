@@ -12,6 +12,7 @@ The tree::
     ├── BackendUnavailable (ConnectionError)         a store (Redis, SQL) did not answer 503
     ├── RateLimitExceeded                            a key is over its limit             429
     ├── NotFoundError (LookupError)                  a row, document or job is gone     404
+    ├── HistoryCorrupted                             stored history fails its checks     500
     ├── ConflictError                                optimistic-lock version mismatch    409
     ├── PreconditionError                            HTTP conditional request problems
     │   ├── PreconditionFailed                       If-(None-)Match did not hold        412
@@ -37,12 +38,11 @@ The tree::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
-
-    from hardening.data.batch import InsertReport
 
 __all__ = [
     "BackendUnavailable",
@@ -50,6 +50,7 @@ __all__ = [
     "ConfigurationError",
     "ConflictError",
     "HardeningError",
+    "HistoryCorrupted",
     "InvalidCursor",
     "InvalidPatch",
     "JobRejected",
@@ -193,6 +194,33 @@ class NotFoundError(HardeningError, LookupError):
         self.entity = entity
         self.key = key
         super().__init__(f"{entity} {key!r} not found")
+
+
+class HistoryCorrupted(HardeningError):
+    """A document's stored history fails its checks: the server's data is damaged (HTTP 500).
+
+    Raised when rebuilding a version meets a patch row missing inside the kept range, a row
+    that does not parse or does not apply, or a row or snapshot that does not match its
+    checksum. It is never the client's fault (not a 404 or a 422): restore the rows from a
+    backup, or compact past the damage. ``hardening history verify`` finds every instance.
+
+    Args:
+        doc_id: the document's id.
+        version: the version whose row (patch or snapshot) is damaged.
+        reason: what is wrong, in words (never the stored data itself).
+
+    Attributes:
+        doc_id, version, reason: as given. A client is shown ``doc_id`` and ``version``.
+    """
+
+    title = "History corrupted"
+    _detail_fields: ClassVar[tuple[str, ...]] = ("doc_id", "version")
+
+    def __init__(self, doc_id: str, version: int, reason: str) -> None:
+        self.doc_id = doc_id
+        self.version = version
+        self.reason = reason
+        super().__init__(f"history of {doc_id!r} is corrupted at version {version}: {reason}")
 
 
 class ConflictError(HardeningError):
@@ -360,6 +388,37 @@ class InvalidCursor(HardeningError, ValueError):
         super().__init__(f"invalid pagination cursor ({reason})")
 
 
+class BatchReport(Protocol):
+    """What a batched insert did before it stopped (:class:`~hardening.InsertReport` is one).
+
+    Declared here so that this module depends on nothing else in the package.
+    """
+
+    @property
+    def inserted(self) -> int:
+        """Rows written."""
+
+    @property
+    def skipped(self) -> int:
+        """Rows left out because they conflicted."""
+
+    @property
+    def rejected(self) -> Sequence[object]:
+        """The rows refused (``RejectedRow``), in input order."""
+
+    @property
+    def batches(self) -> int:
+        """Batches sent."""
+
+    @property
+    def seconds(self) -> float:
+        """Wall time taken."""
+
+    @property
+    def method(self) -> str:
+        """``"copy"``, ``"executemany"`` or ``"copy+executemany"``."""
+
+
 class RowRejected(HardeningError, ValueError):
     """A batched insert asked to stop on the first bad row met one (``stop_on_error=True``).
 
@@ -377,7 +436,7 @@ class RowRejected(HardeningError, ValueError):
     title = "Row rejected"
     _detail_fields: ClassVar[tuple[str, ...]] = ("index", "reason")
 
-    def __init__(self, index: int, reason: str, *, report: InsertReport | None = None) -> None:
+    def __init__(self, index: int, reason: str, *, report: BatchReport | None = None) -> None:
         self.index = index
         self.reason = reason
         self.report = report

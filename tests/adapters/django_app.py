@@ -33,9 +33,21 @@ def page(request: Any, pk: int) -> Any:
 urlpatterns = [path("pages/<int:pk>", page)]
 
 
+MIDDLEWARE = [
+    "hardening.adapters.django.RouteMiddleware",
+    "hardening.adapters.django.ErrorResponseMiddleware",
+]
+
+
 def setup() -> None:
-    """Configure the settings (once per process) and set Django up."""
+    """Configure the settings (once per process) and set Django up.
+
+    When another test configured Django first (``docs/quickstart-django.md`` does, with its own
+    URLconf), this project's URLconf and middleware are put over those settings for the rest of
+    the process.
+    """
     from django.conf import settings
+    from django.test import override_settings
 
     with _lock:
         if not settings.configured:
@@ -44,13 +56,14 @@ def setup() -> None:
                 ALLOWED_HOSTS=["*"],
                 ROOT_URLCONF=__name__,
                 SECRET_KEY="hardening-tests-not-secret",
+                # the docs' Django quickstart uses the ORM; these tests never touch it
+                DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}},
                 INSTALLED_APPS=[],
-                MIDDLEWARE=[
-                    "hardening.adapters.django.RouteMiddleware",
-                    "hardening.adapters.django.ErrorResponseMiddleware",
-                ],
+                MIDDLEWARE=MIDDLEWARE,
                 USE_TZ=True,
             )
+        elif __name__ != settings.ROOT_URLCONF:
+            override_settings(ROOT_URLCONF=__name__, MIDDLEWARE=MIDDLEWARE).enable()
         django.setup()
 
 

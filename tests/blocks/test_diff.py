@@ -9,11 +9,11 @@ from bisect import bisect_left
 
 import jsonpatch
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from hardening import PatchTestFailed, apply_patch, diff, diff_blocks
-from hardening.blocks.diff import longest_increasing_subsequence
+from hardening.blocks.diff import _Differ, longest_increasing_subsequence
 
 
 def _canonical(value: object) -> str:
@@ -106,6 +106,18 @@ def test_bool_int_float_are_different(before: object, after: object) -> None:
     assert ops == [{"op": "replace", "path": "/0/v", "value": after}]
 
 
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [({"a": 0.0}, {"a": -0.0}), ([0.0], [-0.0]), ({"a": [1, -0.0]}, {"a": [1, 0.0]})],
+)
+def test_zero_and_negative_zero_differ(old: object, new: object) -> None:
+    """``0.0`` and ``-0.0`` are equal numbers but different JSON: a change, replaced exactly."""
+    ops = diff(old, new)
+    assert len(ops) == 1
+    assert ops[0]["op"] == "replace"
+    assert json.dumps(apply_patch(old, ops)) == json.dumps(new)
+
+
 def test_key_order_is_no_change() -> None:
     """The same members in another order are the same block."""
     assert diff_blocks([{"id": 1, "a": 1, "b": 2}], [{"b": 2, "id": 1, "a": 1}]) == []
@@ -158,6 +170,44 @@ def test_unusable_ids_fall_back_to_content(ident: object) -> None:
     old = [{"id": ident, "t": 1}, _block(1)]
     new = [_block(1), {"id": ident, "t": 2}]
     _round_trip(old, new, diff_blocks(old, new))
+
+
+def test_a_repeated_id_moved_is_one_move() -> None:
+    """Three blocks sharing an id, rotated: one ``move`` (matched by content), not 3 edits."""
+    old = [{"id": "b", "t": "aaaaa"}, {"id": "b", "t": "bbb"}, {"id": "b", "t": "bb"}]
+    new = [old[2], old[0], old[1]]
+    assert diff_blocks(old, new) == [{"op": "move", "from": "/2", "path": "/0"}]
+
+
+def test_id_less_items_take_the_smallest_matching() -> None:
+    """A list of id-less marks: a positional edit where that is shorter than remove + add."""
+    old = {"marks": ["b", "i", "u"]}
+    new = {"marks": ["b", "s", "u"]}
+    assert diff(old, new) == [{"op": "replace", "path": "/marks/1", "value": "s"}]
+
+
+def _size(ops: list[dict[str, object]]) -> int:
+    return len(json.dumps(ops, separators=(",", ":")))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    old=st.lists(st.fixed_dictionaries({"id": st.sampled_from("ab"), "t": st.sampled_from("xyz")})),
+    new=st.lists(st.fixed_dictionaries({"id": st.sampled_from("ab"), "t": st.sampled_from("xyz")})),
+)
+def test_repeated_ids_never_cost_more_than_a_positional_diff(
+    old: list[dict[str, object]], new: list[dict[str, object]]
+) -> None:
+    """With repeated ids the differ keeps the smallest of its matchings: never larger than
+    aligning the items by content with difflib (what ``jsonpatch.make_patch`` does), and every
+    candidate is a correct patch."""
+    assume(any(len({b["id"] for b in items}) < len(items) for items in (old, new)))
+    ops = diff_blocks(old, new)
+    assert apply_patch(old, ops) == new
+    positional = _Differ("id", guards=False)
+    positional.positional(old, new, "")
+    assert apply_patch(old, positional.ops) == new
+    assert _size(ops) <= _size(positional.ops)
 
 
 def test_mixed_lists() -> None:
@@ -379,3 +429,35 @@ def test_round_trip_fuzz() -> None:
         ops = diff_blocks(old, new, guards=rng.random() < 0.5)
         assert _canonical(apply_patch(old, ops)) == _canonical(new)
         assert jsonpatch.apply_patch(old, ops) == new
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    size=st.integers(0, 30),
+    script=st.lists(
+        st.tuples(st.sampled_from(["insert", "delete", "move", "edit"]), st.integers(0, 99)),
+        max_size=5,
+    ),
+    ids=st.booleans(),
+)
+def test_shared_items_are_set_aside(size: int, script: list[tuple[str, int]], ids: bool) -> None:
+    """Lists sharing their untouched items (as ``apply_patch(share=True)`` leaves them): the
+    differ diffs only the middle, and the patch is as exact and as short as on copies."""
+    old: list[dict[str, object]] = [
+        {"id": f"b{i}", "v": i} if ids or i % 3 else {"v": i} for i in range(size)
+    ]
+    new = list(old)  # the same block objects, as after a copy-on-write edit
+    for step, (action, at) in enumerate(script):
+        if action == "insert" or not new:
+            new.insert(at % (len(new) + 1), {"id": f"n{step}", "v": -step})
+        elif action == "delete":
+            new.pop(at % len(new))
+        elif action == "move":
+            new.insert((at * 7) % len(new), new.pop(at % len(new)))
+        else:
+            index = at % len(new)
+            new[index] = {**new[index], "v": f"edited {step}"}
+    shared = diff_blocks(old, new)
+    copied = diff_blocks(old, copy.deepcopy(new))
+    assert apply_patch(old, shared) == new
+    assert len(shared) <= len(copied)

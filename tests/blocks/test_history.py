@@ -250,6 +250,40 @@ def test_rebase_true_conflict(engine: sa.Engine) -> None:
     assert _rows(engine) == before
 
 
+def test_rebase_merges_edits_of_one_text(engine: sa.Engine) -> None:
+    """Two users edit different parts of one block's text: both land, in the stored history."""
+    history = _history(engine, conflict="rebase")
+    page = {"blocks": [{"id": "a", "type": "p", "text": "First part. Second part."}]}
+    history.create("page", page)
+    history.save(
+        "page", [{"op": "replace", "path": "/blocks/0/text", "value": "First bit. Second part."}],
+        base_version=1,
+    )  # fmt: skip
+    mine = [{"op": "replace", "path": "/blocks/0/text", "value": "First part. Second bit."}]
+    assert history.save("page", mine, base_version=1) == 3
+    expected = {"blocks": [{"id": "a", "type": "p", "text": "First bit. Second bit."}]}
+    assert history.load("page").content == expected
+    assert history.load("page", 3).content == expected  # rebuilt from the stored patches
+    assert history.verify("page").ok
+
+
+def test_delete_wins(engine: sa.Engine) -> None:
+    """``delete_wins``: a stale edit of a block deleted meanwhile is dropped, not a conflict."""
+    for delete_wins in (False, True):
+        history = _history(engine, conflict="rebase", delete_wins=delete_wins)
+        doc = f"page-{delete_wins}"
+        history.create(doc, PAGE)
+        history.save(doc, [{"op": "remove", "path": "/blocks/2"}], base_version=1)
+        edit = [{"op": "replace", "path": "/blocks/2/text", "value": "edited"}]
+        if not delete_wins:
+            with pytest.raises(PatchConflict):
+                history.save(doc, edit, base_version=1)
+            continue
+        assert history.save(doc, edit, base_version=1) == 3
+        blocks = history.load(doc).content["blocks"]  # type: ignore[index]
+        assert [block["id"] for block in blocks] == ["b0", "b1", "b3"]
+
+
 def test_last_write_wins(engine: sa.Engine) -> None:
     """With ``last-write-wins`` the incoming patch wins the clash, other edits are kept."""
     history = _history(engine, conflict="last-write-wins")

@@ -48,6 +48,12 @@ def _schema(engine: sa.Engine) -> None:
     HistoryBase.metadata.create_all(engine)
 
 
+def _chained(history: DocumentHistory, doc_id: str = "p") -> None:
+    """Every save, rerun or applied to the locked head, extended the checksum chain."""
+    report = history.verify(doc_id)
+    assert (report.problem, report.unchained, report.checked) == (None, 0, report.head)
+
+
 def _ids(history: DocumentHistory, doc_id: str = "p") -> list[str]:
     content = history.load(doc_id).content
     assert isinstance(content, list)
@@ -77,6 +83,7 @@ def test_save_without_base_applies_to_the_head(
     assert _ids(history) == ["b0", "b1", "b2"]
     assert history.versions("p") == [1, 2, 3]
     assert [b["id"] for b in history.load("p", 2).content] == ["b0", "b1"]  # type: ignore[attr-defined]
+    _chained(history)
 
 
 def test_save_without_base_is_checked_against_the_head(sql_engine: sa.Engine, kind: str) -> None:
@@ -130,6 +137,7 @@ def test_saves_without_base_never_conflict_on_postgres(pg_engine: sa.Engine, kin
     in_threads(4, editor)
     assert history.versions("p")[-1] == 21
     assert sorted(_ids(history)[1:]) == sorted(f"n{i}" for i in range(20))
+    _chained(history)
 
 
 # --- lost races at REPEATABLE READ / SERIALIZABLE (real PostgreSQL) -------------------------
@@ -178,6 +186,7 @@ def test_lost_race_is_rerun_and_rebased(
     _interfere_once(strict_engine, lambda: other.save("p", _add("theirs"), base_version=1))
     assert history.save("p", _add("mine"), base_version=1) == 3
     assert sorted(_ids(history)) == ["b0", "mine", "theirs"]  # merged, in rebase order
+    _chained(history)
     counted = sum(  # the lost race is counted as a conflict (of the head row's model)
         metrics.registry.get_sample_value("hardening_lock_conflicts_total", {"entity": e}) or 0
         for e in ("Document", "BlockDocument")
@@ -235,6 +244,7 @@ def test_lost_race_in_a_callers_transaction(
     assert save() == 3
     assert len(attempts) == 2
     assert sorted(_ids(history)) == ["b0", "mine", "theirs"]  # merged, in rebase order
+    _chained(history)
 
 
 @pytest.mark.parametrize("strict_engine", STRICT, indirect=True)
@@ -268,6 +278,7 @@ def test_concurrent_saves_at_strict_isolation_never_500(
     assert saved + sum(c for _, c in outcomes) == 16
     assert history.versions("p")[-1] == 1 + saved
     assert len(_ids(history)) == 1 + saved
+    _chained(history)
 
 
 @pytest.mark.anyio
@@ -291,5 +302,7 @@ async def test_async_history_reruns_a_lost_race_and_saves_to_the_head(
         content = (await history.load("p")).content
         ids = [b["id"] for b in content]  # type: ignore[attr-defined]
         assert (sorted(ids[:3]), ids[3]) == (["b0", "mine", "theirs"], "last")
+        report = await history.verify("p")
+        assert (report.problem, report.unchained, report.checked) == (None, 0, 4)
     finally:
         await engine.dispose()

@@ -143,14 +143,98 @@ def test_fields_outside_blocks() -> None:
     assert (caught.value.block_id, caught.value.field) == (None, "/title")
 
 
-def test_arrays_without_ids_changed_by_both_conflict() -> None:
-    """An array whose items have no ids cannot be merged item by item."""
+def test_arrays_without_ids_merge_by_content() -> None:
+    """Items without ids are matched by content, as the differ matches them: both adds land."""
     base = {"tags": ["a", "b"]}
     theirs = [{"op": "add", "path": "/tags/0", "value": "x"}]
     mine = [{"op": "add", "path": "/tags/-", "value": "y"}]
+    head = apply_patch(base, theirs)
+    assert apply_patch(head, rebase(mine, base=base, head_patches=[theirs])) == {
+        "tags": ["x", "a", "b", "y"]
+    }
+
+
+def test_one_id_less_block_does_not_stop_merging() -> None:
+    """A divider without an id in the list: edits elsewhere still merge block by block."""
+    base = [{"id": "a", "text": "A"}, {"type": "divider"}, {"id": "b", "text": "B"}]
+    theirs = [{"op": "replace", "path": "/0/text", "value": "A2"}]
+    mine = [{"op": "add", "path": "/2", "value": {"id": "n", "text": "N"}}]
+    head = apply_patch(base, theirs)
+    merged = apply_patch(head, rebase(mine, base=base, head_patches=[theirs]))
+    assert merged == [
+        {"id": "a", "text": "A2"},
+        {"type": "divider"},
+        {"id": "n", "text": "N"},
+        {"id": "b", "text": "B"},
+    ]
+
+
+def test_equal_id_less_items_added_by_both_are_both_kept() -> None:
+    """Two dividers added concurrently are two dividers: items without ids have no identity."""
+    base = [{"id": "a"}, {"id": "b"}]
+    theirs = [{"op": "add", "path": "/1", "value": {"type": "divider"}}]
+    mine = [{"op": "add", "path": "/2", "value": {"type": "divider"}}]
+    head = apply_patch(base, theirs)
+    merged = apply_patch(head, rebase(mine, base=base, head_patches=[theirs]))
+    assert merged == [{"id": "a"}, {"type": "divider"}, {"id": "b"}, {"type": "divider"}]
+
+
+def test_a_duplicated_id_still_conflicts() -> None:
+    """Two blocks with one id: which is which is unknown, so a change by both conflicts."""
+    base = {"blocks": [{"id": "x", "v": 1}, {"id": "x", "v": 2}]}
+    theirs = [{"op": "replace", "path": "/blocks/0/v", "value": 3}]
+    mine = [{"op": "replace", "path": "/blocks/1/v", "value": 4}]
     with pytest.raises(PatchConflict) as caught:
         rebase(mine, base=base, head_patches=[theirs])
-    assert caught.value.field == "/tags"
+    assert caught.value.field == "/blocks"
+
+
+def test_both_moving_one_block_to_one_place_agrees() -> None:
+    """Both made the same move: agreement, the block moved once."""
+    _, moved = _edit(lambda doc: doc["blocks"].insert(0, doc["blocks"].pop(3)))
+    merged = _merge(moved, moved)
+    assert [block["id"] for block in merged["blocks"]] == ["b3", "b0", "b1", "b2", "b4"]
+
+    def move_and_edit(doc: dict[str, list[dict[str, object]]]) -> None:
+        doc["blocks"].insert(0, doc["blocks"].pop(3))
+        doc["blocks"][2]["text"] = "x"  # b1
+
+    expected, mine = _edit(move_and_edit)
+    assert _merge(mine, moved) == expected  # the same move, plus an edit elsewhere
+
+
+def test_both_adding_the_same_block_agrees() -> None:
+    """A client retrying a save that already landed: the block is added once, no conflict."""
+    _, added = _edit(lambda doc: doc["blocks"].insert(2, {"id": "x", "text": "a"}))
+    merged = _merge(added, added)
+    assert [block["id"] for block in merged["blocks"]] == ["b0", "b1", "x", "b2", "b3", "b4"]
+
+    def add_two(doc: dict[str, list[dict[str, object]]]) -> None:
+        doc["blocks"][2:2] = [{"id": "x", "text": "a"}, {"id": "y"}]
+
+    _, more = _edit(add_two)
+    merged = _merge(more, added)  # the retried block, and one more after it
+    assert [block["id"] for block in merged["blocks"]] == ["b0", "b1", "x", "y", "b2", "b3", "b4"]
+
+
+def test_both_adding_one_block_in_different_places_conflicts() -> None:
+    """The same new block at two places: a position conflict."""
+    _, theirs = _edit(lambda doc: doc["blocks"].insert(0, {"id": "x"}))
+    _, mine = _edit(lambda doc: doc["blocks"].append({"id": "x"}))
+    with pytest.raises(PatchConflict) as caught:
+        rebase(mine, base=BASE, head_patches=[theirs])
+    assert (caught.value.block_id, caught.value.field) == ("x", None)
+
+
+def test_delete_wins_drops_concurrent_edits() -> None:
+    """``delete_wins``: a deleted block stays deleted, whichever side deleted it."""
+    _, deleted = _edit(lambda doc: doc["blocks"].pop(2))
+    _, edited = _edit(lambda doc: doc["blocks"][2].update(style="quote", text="new"))
+    for mine, theirs in ((edited, deleted), (deleted, edited)):
+        head = apply_patch(BASE, theirs)
+        ops = rebase(mine, base=BASE, head_patches=[theirs], delete_wins=True)
+        merged = apply_patch(head, ops)
+        assert [block["id"] for block in merged["blocks"]] == ["b0", "b1", "b3", "b4"]
 
 
 def test_inserts_in_one_gap_are_ordered_by_id() -> None:
@@ -293,3 +377,88 @@ def test_convergence(
         except PatchConflict:
             results.append(None)
     assert results[0] == results[1]
+
+
+MIXED_SIDE = st.lists(
+    st.tuples(
+        st.sampled_from(["insert", "divider", "delete", "move", "edit"]),
+        st.integers(0, 9),
+        st.integers(0, 9),
+    ),
+    max_size=4,
+)
+
+
+def _apply_mixed(
+    base: list[dict[str, object]], script: list[tuple[str, int, int]], side: str
+) -> list[dict[str, object]]:
+    """Like ``_apply_script``, with id-less dividers among the blocks (never edited)."""
+    blocks = copy.deepcopy(base)
+    for step, (action, i, j) in enumerate(script):
+        ids = [k for k, block in enumerate(blocks) if "id" in block]
+        if action == "divider":
+            blocks.insert(i % (len(blocks) + 1), {"type": "divider"})
+        elif action == "insert" or not blocks:
+            blocks.insert(i % (len(blocks) + 1), {"id": f"{side}{step}", "v": 0})
+        elif action == "delete":
+            blocks.pop(i % len(blocks))
+        elif action == "move":
+            item = blocks.pop(i % len(blocks))
+            blocks.insert(j % (len(blocks) + 1), item)
+        elif ids:
+            blocks[ids[i % len(ids)]]["v"] = f"{side}{step}"
+    return blocks
+
+
+@settings(max_examples=300, deadline=None)
+@given(size=st.integers(0, 6), dividers=st.integers(0, 2), a=MIXED_SIDE, b=MIXED_SIDE)
+def test_convergence_with_id_less_items(
+    size: int,
+    dividers: int,
+    a: list[tuple[str, int, int]],
+    b: list[tuple[str, int, int]],
+) -> None:
+    """Lists holding id-less items merge, and converge whichever side is saved first."""
+    base: list[dict[str, object]] = [{"id": i, "v": 0} for i in range(size)]
+    for k in range(dividers):
+        base.insert(k * 2 % (len(base) + 1), {"type": "divider"})
+    side_a, side_b = _apply_mixed(base, a, "a"), _apply_mixed(base, b, "b")
+    patch_a, patch_b = diff_blocks(base, side_a), diff_blocks(base, side_b)
+    results = []
+    for first, second, head in ((patch_a, patch_b, side_a), (patch_b, patch_a, side_b)):
+        try:
+            results.append(apply_patch(head, rebase(second, base=base, head_patches=[first])))
+        except PatchConflict:
+            results.append(None)
+    assert results[0] == results[1]
+    if not a or not b or results[0] is None:
+        return
+    merged = results[0]
+    for block in [*side_a, *side_b]:  # every block either side added is in the merge
+        if "id" in block and isinstance(block["id"], str):
+            assert block["id"] in [item.get("id") for item in merged]
+
+
+@settings(max_examples=300, deadline=None)
+@given(size=st.integers(0, 12), script_a=SIDE, script_b=SIDE)
+def test_setting_aside_shared_ends_changes_nothing(
+    size: int, script_a: list[tuple[str, int, int]], script_b: list[tuple[str, int, int]]
+) -> None:
+    """Merging only the middle between the ends all three lists share gives the same list (or
+    the same conflict) as merging every item."""
+    from hardening.blocks.rebase import _Conflict, _Merger
+
+    base = [{"id": i, "v": 0} for i in range(size)]
+    sides = []
+    for script, name in ((script_a, "a"), (script_b, "b")):
+        edited = _apply_script(base, script, name)
+        # copy on write, as rebase builds them: untouched blocks are base's own objects
+        sides.append(apply_patch(base, diff_blocks(base, edited), share=True))
+    merger = _Merger("id", False, frozenset(), False)
+    outcomes = []
+    for merge in (merger.array, merger.whole_array):
+        try:
+            outcomes.append(merge(base, sides[0], sides[1], ()))
+        except _Conflict as conflict:
+            outcomes.append(conflict.reason)
+    assert outcomes[0] == outcomes[1]

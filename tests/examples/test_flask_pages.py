@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -18,11 +19,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import pytest
 import sqlalchemy as sa
+from examples.flask_pages import __main__ as flask_main
 from examples.flask_pages.__main__ import APP, CONFIG, gunicorn_argv, main
 from examples.flask_pages.app import PagesService, create_app, pages_service
 from examples.pages_service.store import Settings
@@ -457,6 +460,70 @@ def test_main_command_line() -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0
+
+
+class RecordingLog:
+    """Stands in for gunicorn's ``server.log``: keeps what the hooks log."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str]] = []
+
+    def warning(self, message: str, *args: object) -> None:
+        self.lines.append(("warning", message % args))
+
+    def error(self, message: str, *args: object) -> None:
+        self.lines.append(("error", message % args))
+
+
+def fake_arbiter(workers: int) -> Any:
+    """What ``on_starting`` reads of gunicorn's arbiter: its settings and its log."""
+    return SimpleNamespace(cfg=SimpleNamespace(workers=workers), log=RecordingLog())
+
+
+def test_on_starting_warns_once_about_several_workers_without_multiproc_dir(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """gunicorn's master warns once, naming PROMETHEUS_MULTIPROC_DIR, when several workers
+    would each keep their own metrics; with the directory set it empties it instead."""
+    hooks = runpy.run_path(str(CONFIG))
+    monkeypatch.delenv("ADMIN_TOKEN", raising=False)
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:6379/0")
+    server = fake_arbiter(workers=3)
+    hooks["on_starting"](server)
+    assert len(server.log.lines) == 1
+    level, message = server.log.lines[0]
+    assert level == "warning"
+    assert message.startswith("3 workers without PROMETHEUS_MULTIPROC_DIR")
+
+    (tmp_path / "histogram_7.db").write_bytes(b"an earlier run")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    server = fake_arbiter(workers=3)
+    hooks["on_starting"](server)
+    assert server.log.lines == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_short_admin_token_stops_gunicorn_and_main_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An ADMIN_TOKEN under 16 characters: gunicorn's master logs one error and exits 2 before
+    any worker starts; ``python -m examples.flask_pages`` prints one line and exits 2."""
+    monkeypatch.setenv("ADMIN_TOKEN", "short")
+    server = fake_arbiter(workers=1)
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(CONFIG))["on_starting"](server)
+    assert exit_info.value.code == 2
+    assert [level for level, _ in server.log.lines] == ["error"]
+    assert "ADMIN_TOKEN must be at least 16 characters" in server.log.lines[0][1]
+
+    monkeypatch.setattr(flask_main, "run_dev_server", pytest.fail)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--dev"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1
+    assert error.startswith("python -m examples.flask_pages: error: ADMIN_TOKEN must be")
 
 
 def pages_create(http: httpx.Client, text: str) -> str:

@@ -40,7 +40,7 @@ from examples.loadtest import (
     warning_line,
 )
 
-from hardening import Metrics
+from hardening import Metrics, apply_patch
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -311,8 +311,10 @@ def test_edits_only_add() -> None:
     kinds: Counter[str] = Counter()
     for n in range(300):
         marker = f"mabcdu1x{n}"
-        kind, edited, written = make_edit(rng, page, marker)
+        kind, edited, written, ops = make_edit(rng, page, marker)
         kinds[kind] += 1
+        assert apply_patch(page, ops) == edited  # the edit's own patch is exact
+        assert len(ops) == 1
         assert {b["id"] for b in page} <= {b["id"] for b in edited}
         before = {b["id"]: b["content"] for b in page}
         for block in edited:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import os
 import re
 import signal
@@ -24,9 +25,16 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
+from examples.pages_service import __main__ as pages_main
 from examples.pages_service.app import create_app
 from examples.pages_service.client import Debouncer, PagesClient
-from examples.pages_service.store import PageStore, Settings, make_engine
+from examples.pages_service.store import (
+    PageStore,
+    Settings,
+    SettingsError,
+    make_engine,
+    process_warnings,
+)
 
 from hardening import Metrics
 from hardening.adapters.asgi import ASGIApp
@@ -426,6 +434,69 @@ def test_settings_from_env() -> None:
     assert ADMIN not in described
     with pytest.raises(ValueError, match="WORKER_MODE"):
         Settings.from_env({"WORKER_MODE": "sometimes"})
+
+
+def test_short_admin_token_is_refused_naming_the_fix() -> None:
+    """An ADMIN_TOKEN under 16 characters is a settings error that says how to make one."""
+    with pytest.raises(SettingsError, match=r"ADMIN_TOKEN must be at least 16 .*token_urlsafe"):
+        Settings.from_env({"ADMIN_TOKEN": "too-short"})
+    assert Settings.from_env({"ADMIN_TOKEN": "x" * 16}).admin_token == "x" * 16
+
+
+def test_main_exits_2_with_one_line_for_a_bad_setting(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A short ADMIN_TOKEN stops ``python -m examples.pages_service`` before uvicorn starts:
+    one line on stderr naming the fix, exit status 2, no traceback."""
+    monkeypatch.setenv("ADMIN_TOKEN", "short")
+    monkeypatch.setattr(pages_main.uvicorn, "run", pytest.fail)
+    with pytest.raises(SystemExit) as exit_info:
+        pages_main.main([])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1
+    assert "Traceback" not in error
+    assert error.startswith("python -m examples.pages_service: error: ADMIN_TOKEN must be")
+
+
+def test_process_warnings_name_the_fix() -> None:
+    """Several workers without PROMETHEUS_MULTIPROC_DIR (or REDIS_URL) are each warned about."""
+    assert process_warnings(1, {}) == []
+    shared = {"REDIS_URL": "redis://cache", "PROMETHEUS_MULTIPROC_DIR": "/tmp/metrics"}
+    assert process_warnings(4, shared) == []
+    (metrics_warning,) = process_warnings(2, {"REDIS_URL": "redis://cache"})
+    assert metrics_warning.startswith("2 workers without PROMETHEUS_MULTIPROC_DIR")
+    assert "set PROMETHEUS_MULTIPROC_DIR to an empty directory" in metrics_warning
+    assert len(process_warnings(2, {})) == 2
+
+
+def test_main_warns_once_and_wipes_the_multiprocess_dir(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """``--workers 2`` without PROMETHEUS_MULTIPROC_DIR logs the warning once; with it, the
+    directory is emptied before uvicorn starts its workers, and nothing is warned."""
+    runs: list[dict[str, Any]] = []
+    monkeypatch.setattr(pages_main.uvicorn, "run", lambda app, **options: runs.append(options))
+    monkeypatch.delenv("ADMIN_TOKEN", raising=False)
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:6379/0")
+    with caplog.at_level(logging.WARNING, logger="pages_service"):
+        pages_main.main(["--workers", "2"])
+    messages = [record.getMessage() for record in caplog.records]
+    warnings = [message for message in messages if "PROMETHEUS_MULTIPROC_DIR" in message]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("2 workers without")
+    assert runs[-1]["workers"] == 2
+
+    caplog.clear()
+    directory = tmp_path / "metrics"
+    directory.mkdir()
+    (directory / "counter_123.db").write_bytes(b"an earlier run")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(directory))
+    with caplog.at_level(logging.WARNING, logger="pages_service"):
+        pages_main.main(["--workers", "2"])
+    assert caplog.records == []
+    assert list(directory.iterdir()) == []
 
 
 def test_engine_for_sqlite_uses_wal(tmp_path: Path) -> None:

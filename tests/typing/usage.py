@@ -142,6 +142,8 @@ from hardening import (
     ConflictPolicy,
     DocumentHistory,
     DocumentVersion,
+    HistoryCorrupted,
+    HistoryReport,
     PatchConflict,
     PatchError,
     PatchLimits,
@@ -185,12 +187,20 @@ loaded: DocumentVersion = history.load("page", version=1)
 loaded_content: object = loaded.content
 kept_versions: list[int] = history.versions("page")
 oldest: int = history.compact("page", keep=10)
+report: HistoryReport = history.verify("page")
+sound: bool = report.ok and report.problem is None
+try:
+    history.load("page", version=1)
+except HistoryCorrupted as damaged:
+    damaged_at: tuple[str, int, str] = (damaged.doc_id, damaged.version, damaged.reason)
 due: bool = SnapshotPolicy().due(patches=3, patch_bytes=100, snapshot_bytes=1000)
 
 
 async def save_async(engine: AsyncEngine) -> DocumentVersion:
     async_history = AsyncDocumentHistory(engine, conflict="last-write-wins")
     await async_history.save("page", page_ops, base_version=2)
+    verified: HistoryReport = await async_history.verify("page")
+    assert verified.checked >= 1
     return await async_history.load("page")
 
 

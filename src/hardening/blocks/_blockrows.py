@@ -1,5 +1,9 @@
 """The SQL side of ``BlockHistory``: its four tables and a page read and written as rows.
 
+Patch and snapshot rows carry the checksum chain of ``_chain.py`` (``digest``; snapshots
+also ``content_digest``), the head row the head's link; :func:`page_tables` tells the
+integrity steps (``_integrity.py``) how to read and replay them.
+
 ``RowsPage`` is the :class:`~hardening.blocks._pages.PageRows` the patch applier drives on a
 save: index paths become ``ORDER BY position OFFSET i`` reads, an insert or a move computes one
 order key between its neighbours (``_order.py``), content changes write one row each.
@@ -8,15 +12,17 @@ order key between its neighbours (``_order.py``), content changes write one row 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from hardening.blocks._chain import PageReplay, Replay
+from hardening.blocks._integrity import Rows, Tables, add_missing_columns, digest_column
 from hardening.blocks._order import KEY_LIMIT, MAX_KEY, key_between, keys_between
-from hardening.blocks._pages import Block
-from hardening.errors import InvalidPatch
+from hardening.blocks._pages import Block, join_document
+from hardening.errors import HistoryCorrupted, InvalidPatch
 from hardening.locking import Versioned
 
 __all__ = [
@@ -27,6 +33,8 @@ __all__ = [
     "block_rows",
     "block_snapshots",
     "dump_json",
+    "heads",
+    "page_tables",
     "rows_for",
 ]
 
@@ -53,6 +61,8 @@ class BlockDocument(Versioned, BlockBase):
     patch_bytes_since_snapshot: Mapped[int] = mapped_column(sa.BigInteger, nullable=False)
     # the members beside the blocks (JSON), or NULL when the document is the array itself
     meta: Mapped[str | None] = mapped_column(sa.Text, nullable=True)
+    # the chain's link at ``version`` (NULL: saved before the chain existed)
+    digest: Mapped[str | None] = mapped_column(sa.String(64), nullable=True)
 
 
 def _child(name: str, *columns: Any) -> sa.Table:
@@ -85,13 +95,53 @@ block_patches = _child(
     sa.Column("patch", sa.Text, nullable=False),
     sa.Column("operations", sa.Integer, nullable=False),
     sa.Column("size_bytes", sa.Integer, nullable=False),
+    digest_column(),
 )
 block_snapshots = _child(
     "hardening_block_snapshots",
     sa.Column("version", sa.Integer, primary_key=True),
     sa.Column("content", sa.Text, nullable=False),
     sa.Column("size_bytes", sa.BigInteger, nullable=False),
+    digest_column(),
+    digest_column("content_digest"),
 )
+heads: sa.Table = BlockDocument.__table__  # type: ignore[assignment]
+# ``create_all`` (and so ``create_schema``) adds the columns an older database lacks
+sa.event.listen(BlockBase.metadata, "after_create", add_missing_columns)
+
+
+def page_tables(id_key: str, blocks_key: str) -> Tables:
+    """The tables and the page replay the integrity steps use, for these options."""
+
+    def start(content: object) -> Replay:
+        return PageReplay(content, id_key=id_key, blocks_key=blocks_key)
+
+    def head_content(
+        doc_id: str,
+    ) -> tuple[sa.Select[Any], Callable[[Rows], tuple[int, object]]]:
+        h, r = heads.c, block_rows.c
+        query = (
+            sa.select(h.version, h.meta, r.content)
+            .select_from(heads.outerjoin(block_rows, r.document_id == h.id))
+            .where(h.id == doc_id)
+            .order_by(r.position)
+        )
+
+        def read(rows: Rows) -> tuple[int, object]:
+            if not rows:  # deleted meanwhile: nothing to compare
+                return 0, None
+            try:
+                blocks = [json.loads(row.content) for row in rows if row.content is not None]
+                meta = None if rows[0].meta is None else json.loads(rows[0].meta)
+            except (ValueError, RecursionError) as exc:
+                raise HistoryCorrupted(
+                    doc_id, rows[0].version, "its head rows are not JSON"
+                ) from exc
+            return rows[0].version, join_document(blocks, meta, blocks_key)
+
+        return query, read
+
+    return Tables(heads, block_patches, block_snapshots, start, True, head_content)
 
 
 def dump_json(value: object) -> str:

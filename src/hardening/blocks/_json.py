@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import marshal
+import math
 from collections.abc import Iterable
 
 __all__ = ["MISSING", "copy_json", "escape", "json_equal", "pointer", "same", "storable"]
@@ -67,7 +68,9 @@ def same(a: object, b: object) -> bool:
         return True  # == between a str (or None) and anything else is never true
     if kind is not type(b):
         return False
-    if kind is int or kind is float or kind is bool:
+    if kind is float:
+        return a != 0.0 or _sign(a) == _sign(b)  # type: ignore[arg-type] # 0.0 is not -0.0
+    if kind is int or kind is bool:
         return True
     if isinstance(a, (dict, list)) and isinstance(b, (dict, list)):
         try:
@@ -89,7 +92,17 @@ def _strict_equal(a: object, b: object) -> bool:
         if not isinstance(b, list) or len(a) != len(b):
             return False
         return all(_strict_equal(x, y) for x, y in zip(a, b, strict=True))
+    if type(a) is float:
+        return a == b and (a != 0.0 or _sign(a) == _sign(b))
     return a is b or a == b
+
+
+def _sign(value: float) -> float:
+    """``-1.0`` for negative numbers and ``-0.0``, else ``1.0``.
+
+    ``0.0`` and ``-0.0`` are equal numbers but different JSON texts.
+    """
+    return math.copysign(1.0, value)
 
 
 def json_equal(a: object, b: object) -> bool:

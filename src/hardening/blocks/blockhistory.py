@@ -18,7 +18,7 @@ say. Until then older versions are rebuilt from an earlier snapshot and more pat
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -31,6 +31,7 @@ import sqlalchemy as sa  # noqa: E402 - after the check that names the extra
 from sqlalchemy.orm import Session  # noqa: E402
 
 from hardening._sql import sql_unavailable  # noqa: E402
+from hardening.blocks import _integrity  # noqa: E402
 from hardening.blocks._blockrows import (  # noqa: E402
     BlockBase,
     BlockDocument,
@@ -40,27 +41,27 @@ from hardening.blocks._blockrows import (  # noqa: E402
     block_rows,
     block_snapshots,
     dump_json,
+    page_tables,
     rows_for,
 )
+from hardening.blocks._blockrows import heads as _heads  # noqa: E402
+from hardening.blocks._chain import content_digest, link  # noqa: E402
+from hardening.blocks._docrows import (  # noqa: E402
+    aborted,
+    check_base,
+    check_id,
+    check_version,
+    exists,
+    not_found,
+)
+from hardening.blocks._integrity import HistoryReport  # noqa: E402
 from hardening.blocks._json import storable  # noqa: E402
 from hardening.blocks._order import DIGITS, KEY_LIMIT  # noqa: E402
-from hardening.blocks._pages import (  # noqa: E402
-    Block,
-    ListPage,
-    apply_to_page,
-    join_document,
-    split_document,
-)
+from hardening.blocks._pages import Block, ListPage, apply_to_page, join_document  # noqa: E402
 from hardening.blocks.history import (  # noqa: E402
     ConflictPolicy,
     DocumentVersion,
-    _aborted,
-    _check_base,
-    _check_id,
-    _check_version,
-    _exists,
     _HistoryBase,
-    _not_found,
     _SyncDriver,
 )
 from hardening.blocks.patch import (  # noqa: E402
@@ -71,16 +72,20 @@ from hardening.blocks.patch import (  # noqa: E402
     patch_size,
 )
 from hardening.blocks.policy import SnapshotPolicy, compaction_floor  # noqa: E402
-from hardening.blocks.rebase import merge_patch  # noqa: E402
-from hardening.errors import ConfigurationError, ConflictError, MalformedBody, NotFoundError  # noqa: E402
+from hardening.blocks.rebase import TEXT_FIELDS, merge_patch  # noqa: E402
+from hardening.errors import (  # noqa: E402
+    ConfigurationError,
+    ConflictError,
+    HistoryCorrupted,
+    MalformedBody,
+    NotFoundError,
+)
 from hardening.locking import update_versioned  # noqa: E402
 
 if TYPE_CHECKING:
     from hardening.metrics import Metrics
 
 __all__ = ["BlockHistory", "BlockSave", "BlockWindow"]
-
-_heads: sa.Table = BlockDocument.__table__  # type: ignore[assignment]
 
 
 @dataclass(frozen=True)
@@ -131,6 +136,7 @@ class _Head:
     patches_since: int
     patch_bytes_since: int
     meta: str | None
+    digest: str | None
 
     def members(self) -> dict[str, object] | None:
         return None if self.meta is None else dict(json.loads(self.meta))
@@ -146,6 +152,7 @@ def _select_head(doc_id: str) -> sa.Select[Any]:
         h.patches_since_snapshot,
         h.patch_bytes_since_snapshot,
         h.meta,
+        h.digest,
     ).where(h.id == doc_id)
 
 
@@ -154,7 +161,7 @@ def _head(db: Executor, doc_id: str, *, lock: bool = False) -> _Head:
     query = _select_head(doc_id)
     row = db.execute(query.with_for_update() if lock else query).first()
     if row is None:
-        raise _not_found(doc_id)
+        raise not_found(doc_id)
     return _Head(*row)
 
 
@@ -201,6 +208,8 @@ class BlockHistory(_SyncDriver, _HistoryBase):
             stored: your schema of a block (raise a :class:`~hardening.PatchError` or a
             :class:`~hardening.MalformedBody` to refuse; nothing is written). Only the blocks a
             save changes are checked, so its cost follows the edit too.
+        text_fields: members whose strings a merge combines as text (``()``: none).
+        delete_wins: a deletion drops concurrent edits inside the deleted block.
 
     Raises:
         ConfigurationError: an unknown conflict policy or a negative ``retries``.
@@ -221,6 +230,8 @@ class BlockHistory(_SyncDriver, _HistoryBase):
         metrics: Metrics | None = None,
         retries: int = 3,
         check_block: Callable[[Block], None] | None = None,
+        text_fields: Collection[str] = TEXT_FIELDS,
+        delete_wins: bool = False,
     ) -> None:
         self.check_block = check_block
         if not isinstance(blocks_key, str) or not blocks_key:
@@ -233,12 +244,17 @@ class BlockHistory(_SyncDriver, _HistoryBase):
             id_key=id_key,
             metrics=metrics,
             retries=retries,
+            text_fields=text_fields,
+            delete_wins=delete_wins,
         )
         self.engine = engine
+        self._tables = page_tables(self.id_key, blocks_key)
 
     @sql_unavailable
     def create_schema(self, engine: sa.Engine | None = None) -> None:
         """Create the four tables if they do not exist (tests, prototypes; else migrations).
+
+        Tables that exist get the columns added since (the digests), as ``NULL`` in old rows.
 
         Raises:
             BackendUnavailable: the database could not be reached or timed out (503).
@@ -265,7 +281,7 @@ class BlockHistory(_SyncDriver, _HistoryBase):
             PatchLimitExceeded: ``content`` exceeds ``limits``.
             BackendUnavailable: the database could not be reached or timed out (503).
         """
-        size = self._new_document(doc_id, content)
+        size = len(self._new_document(doc_id, content))
         page = ListPage([], self.id_key)
         checked = _checked([{"op": "replace", "path": "", "value": content}], self.limits)[1]
         meta: dict[str, object] | None = {} if isinstance(content, dict) else None
@@ -279,11 +295,13 @@ class BlockHistory(_SyncDriver, _HistoryBase):
             check=self.check_block,
         )
         text = dump_json(content)
+        payload = text.encode()
+        chain = link(None, 1, payload)
         rows, total = rows_for(doc_id, page.items, self.id_key)
 
         def insert(db: Executor) -> int:
             if db.execute(sa.select(_heads.c.version).where(_heads.c.id == doc_id)).first():
-                raise _exists(doc_id)
+                raise exists(doc_id)
             try:
                 db.execute(
                     sa.insert(_heads).values(
@@ -295,17 +313,14 @@ class BlockHistory(_SyncDriver, _HistoryBase):
                         patches_since_snapshot=0,
                         patch_bytes_since_snapshot=0,
                         meta=None if changes.meta is None else dump_json(changes.meta),
+                        digest=chain,
                     )
                 )
             except sa.exc.IntegrityError as exc:  # created concurrently
-                raise _exists(doc_id) from exc
+                raise exists(doc_id) from exc
             if rows:
                 db.execute(sa.insert(block_rows), rows)
-            db.execute(
-                sa.insert(block_snapshots).values(
-                    document_id=doc_id, version=1, content=text, size_bytes=len(text.encode())
-                )
-            )
+            db.execute(_insert_snapshot(doc_id, 1, text, chain))
             return 1
 
         return self._run(session, insert, doc_id=doc_id, base_version=None)
@@ -362,8 +377,8 @@ class BlockHistory(_SyncDriver, _HistoryBase):
             PatchError: the patch is invalid, too large or does not apply (422/413/409).
             BackendUnavailable: the database could not be reached or timed out (503).
         """
-        doc_id = _check_id(doc_id)
-        _check_base(base_version)
+        doc_id = check_id(doc_id)
+        check_base(base_version)
         incoming = _checked(patch, self.limits)[1]  # validated and parsed once
         done, operations, size, total = self._run(
             session,
@@ -401,14 +416,14 @@ class BlockHistory(_SyncDriver, _HistoryBase):
                 )
                 break
             except ConflictError as exc:
-                if _aborted(exc) or not self._retry(attempt, base_version):
+                if aborted(exc) or not self._retry(attempt, base_version):
                     raise
                 attempt += 1
         page = self._rows(db, doc_id, head)
         stored = raw
         if base_version is not None and merging:  # the head is ours now: merge against it
             try:
-                base = self._rebuild(db, doc_id, base_version)
+                base = self._rebuild(db, doc_id, base_version)[0]
             except NotFoundError:  # compacted away: nothing to merge against
                 raise self._stale(doc_id, head.version, base_version) from None
             _, stored = merge_patch(
@@ -418,6 +433,8 @@ class BlockHistory(_SyncDriver, _HistoryBase):
                 id_key=self.id_key,
                 limits=self.limits,
                 prefer_patch=self.conflict == "last-write-wins",
+                text_fields=self.text_fields,
+                delete_wins=self.delete_wins,
             )
         ops = _checked(stored, None, trusted=True)[1] if merging else incoming
         changes = apply_to_page(
@@ -440,14 +457,17 @@ class BlockHistory(_SyncDriver, _HistoryBase):
         }
         if changes.meta_changed:
             counts["meta"] = None if changes.meta is None else dump_json(changes.meta)
+        text = dump_json(stored)
+        counts["digest"] = digest = link(head.digest, version, text.encode())
         db.execute(sa.update(_heads).where(_heads.c.id == doc_id).values(counts))
         db.execute(
             sa.insert(block_patches).values(
                 document_id=doc_id,
                 version=version,
-                patch=dump_json(stored),
+                patch=text,
                 operations=len(stored),
                 size_bytes=size,
+                digest=digest,
             )
         )
         due = self.snapshots.due(
@@ -464,9 +484,11 @@ class BlockHistory(_SyncDriver, _HistoryBase):
 
         Raises:
             NotFoundError: no such page, or that version is not (or no longer) kept.
+            HistoryCorrupted: a row the rebuild needs is missing, garbage, or does not match
+                its digest (500; never a 404 or 422 for damaged stored data).
             BackendUnavailable: the database could not be reached or timed out (503).
         """
-        doc_id = _check_id(doc_id)
+        doc_id = check_id(doc_id)
         if version is not None and type(version) is not int:
             raise ConfigurationError(f"version must be an int, not {version!r}")
         with self._transaction(session) as db:
@@ -475,8 +497,9 @@ class BlockHistory(_SyncDriver, _HistoryBase):
                     sa.select(_heads.c.version).where(_heads.c.id == doc_id)
                 ).scalar_one_or_none()
                 if version != head_version:
-                    _check_version(doc_id, version, head_version)
-                    return DocumentVersion(doc_id, version, self._rebuild(db, doc_id, version))
+                    check_version(doc_id, version, head_version)
+                    content = self._rebuild(db, doc_id, version)[0]
+                    return DocumentVersion(doc_id, version, content)
             window = self._window(db, doc_id, offset=0, after=None, limit=None)
             content = join_document(window.blocks, window.meta, self.blocks_key)
             return DocumentVersion(doc_id, window.version, content)
@@ -495,26 +518,16 @@ class BlockHistory(_SyncDriver, _HistoryBase):
             NotFoundError: no such page; or the patches cannot all be given (``version`` is
                 past the head or compacted away, or more than ``limit`` saves happened since):
                 fetch the page instead.
+            HistoryCorrupted: a patch row since ``version`` is missing, garbage, or does not
+                match its digest (500).
             BackendUnavailable: the database could not be reached or timed out (503).
         """
-        doc_id = _check_id(doc_id)
+        doc_id = check_id(doc_id)
         if type(version) is not int or type(limit) is not int or limit < 1:
             raise ConfigurationError("version and limit must be ints (limit >= 1)")
-        h, p = _heads.c, block_patches.c
-        head = sa.select(h.version).where(h.id == doc_id).scalar_subquery()
-        query = (
-            sa.select(head.label("v"), p.version, p.patch)
-            .where(p.document_id == doc_id, p.version > version)
-            .order_by(p.version)
-            .limit(limit + 1)
-        )
         with self._transaction(session) as db:
-            rows = db.execute(query).all()
-            head_version = rows[0].v if rows else _head(db, doc_id).version
-        wanted = list(range(version + 1, head_version + 1))
-        if version > head_version or len(rows) > limit or [r.version for r in rows] != wanted:
-            raise NotFoundError("DocumentVersion", (doc_id, version))  # gone, or too many
-        return [json.loads(row.patch) for row in rows]
+            steps = _integrity.patches_since(self._tables, doc_id, version, limit)
+            return _integrity.run(db, steps)
 
     @sql_unavailable
     def load_json(self, doc_id: str, *, session: Executor | None = None) -> tuple[int, str]:
@@ -527,7 +540,7 @@ class BlockHistory(_SyncDriver, _HistoryBase):
             NotFoundError: no such page.
             BackendUnavailable: the database could not be reached or timed out (503).
         """
-        doc_id = _check_id(doc_id)
+        doc_id = check_id(doc_id)
         h, r = _heads.c, block_rows.c
         version = sa.select(h.version).where(h.id == doc_id).scalar_subquery()
         meta = sa.select(h.meta).where(h.id == doc_id).scalar_subquery()
@@ -571,7 +584,7 @@ class BlockHistory(_SyncDriver, _HistoryBase):
             MalformedBody: ``after`` is not a cursor this store made (400).
             BackendUnavailable: the database could not be reached or timed out (503).
         """
-        doc_id = _check_id(doc_id)
+        doc_id = check_id(doc_id)
         if type(offset) is not int or offset < 0 or type(limit) is not int or limit < 1:
             raise ConfigurationError("offset must be an int >= 0 and limit an int >= 1")
         cursor = None if after is None else _check_cursor(after)
@@ -591,7 +604,7 @@ class BlockHistory(_SyncDriver, _HistoryBase):
             NotFoundError: no such page.
             BackendUnavailable: the database could not be reached or timed out (503).
         """
-        doc_id = _check_id(doc_id)
+        doc_id = check_id(doc_id)
         # an id no block can have (a lone surrogate, a NUL) is absent, not a database error
         wanted = sorted({b for b in block_ids if isinstance(b, str) and storable(b)})
         h, r = _heads.c, block_rows.c
@@ -657,11 +670,11 @@ class BlockHistory(_SyncDriver, _HistoryBase):
             NotFoundError: no such page.
             BackendUnavailable: the database could not be reached or timed out (503).
         """
-        doc_id = _check_id(doc_id)
+        doc_id = check_id(doc_id)
         with self._transaction(session) as db:
             row = db.execute(_select_head(doc_id).with_for_update()).first()
             if row is None:
-                raise _not_found(doc_id)
+                raise not_found(doc_id)
             head = _Head(*row)
             due = self.snapshots.due(
                 patches=head.patches_since,
@@ -672,31 +685,50 @@ class BlockHistory(_SyncDriver, _HistoryBase):
                 return None
             page = self._rows(db, doc_id, head)
             text = dump_json(join_document(page.blocks(), head.members(), self.blocks_key))
-            size = len(text.encode())
-            db.execute(
-                sa.insert(block_snapshots).values(
-                    document_id=doc_id, version=head.version, content=text, size_bytes=size
-                )
-            )
+            db.execute(_insert_snapshot(doc_id, head.version, text, head.digest))
             db.execute(
                 sa.update(_heads)
                 .where(_heads.c.id == doc_id)
-                .values(snapshot_bytes=size, patches_since_snapshot=0, patch_bytes_since_snapshot=0)
+                .values(
+                    snapshot_bytes=len(text.encode()),
+                    patches_since_snapshot=0,
+                    patch_bytes_since_snapshot=0,
+                )
             )
             return head.version
 
     @sql_unavailable
     def versions(self, doc_id: str, *, session: Executor | None = None) -> list[int]:
-        """The versions ``load`` can rebuild, oldest first.
+        """The versions ``load`` can give, oldest first (see ``DocumentHistory.versions``).
+
+        The head, and every older version whose patch rows from its nearest snapshot are all
+        stored: a listed version is never "not found".
 
         Raises:
             NotFoundError: no such page.
             BackendUnavailable: the database could not be reached or timed out (503).
         """
-        doc_id = _check_id(doc_id)
+        doc_id = check_id(doc_id)
         with self._transaction(session) as db:
-            head = _head(db, doc_id)
-            return list(range(self._oldest(db, doc_id), head.version + 1))
+            return _integrity.run(db, _integrity.versions(self._tables, doc_id))
+
+    @sql_unavailable
+    def verify(self, doc_id: str, *, session: Executor | None = None) -> HistoryReport:
+        """Check every kept version of a page: rows, checksum chain, snapshots, head.
+
+        As ``DocumentHistory.verify``: the history is replayed from the oldest snapshot a
+        page of patch rows at a time, and the head's block rows are compared with the replay.
+
+        Returns:
+            The report: ``ok``, how many versions were checked, the first problem found.
+
+        Raises:
+            NotFoundError: no such page.
+            BackendUnavailable: the database could not be reached or timed out (503).
+        """
+        doc_id = check_id(doc_id)
+        with self._transaction(session) as db:
+            return _integrity.run(db, _integrity.verify(self._tables, doc_id))
 
     @sql_unavailable
     def compact(self, doc_id: str, *, keep: int, session: Executor | None = None) -> int:
@@ -708,12 +740,13 @@ class BlockHistory(_SyncDriver, _HistoryBase):
         Raises:
             NotFoundError: no such page.
             ConfigurationError: ``keep`` is not a positive int.
+            HistoryCorrupted: the rows up to the new oldest version are damaged.
             BackendUnavailable: the database could not be reached or timed out (503).
         """
-        doc_id = _check_id(doc_id)
+        doc_id = check_id(doc_id)
         with self._transaction(session) as db:
             head = _head(db, doc_id)
-            oldest = self._oldest(db, doc_id)
+            oldest = self._oldest(db, doc_id, head.version)
             floor = compaction_floor(head=head.version, oldest=oldest, keep=keep)
             if floor == oldest:
                 return floor
@@ -722,15 +755,8 @@ class BlockHistory(_SyncDriver, _HistoryBase):
                 sa.select(s.version).where(s.document_id == doc_id, s.version == floor)
             ).first()
             if kept is None:
-                text = dump_json(self._rebuild(db, doc_id, floor))
-                db.execute(
-                    sa.insert(block_snapshots).values(
-                        document_id=doc_id,
-                        version=floor,
-                        content=text,
-                        size_bytes=len(text.encode()),
-                    )
-                )
+                content, chain = self._rebuild(db, doc_id, floor)
+                db.execute(_insert_snapshot(doc_id, floor, dump_json(content), chain))
             db.execute(sa.delete(block_snapshots).where(s.document_id == doc_id, s.version < floor))
             db.execute(sa.delete(block_patches).where(p.document_id == doc_id, p.version <= floor))
             return floor
@@ -743,42 +769,18 @@ class BlockHistory(_SyncDriver, _HistoryBase):
             db, doc_id, count=head.block_count, blocks_bytes=head.blocks_bytes, id_key=self.id_key
         )
 
-    def _oldest(self, db: Executor, doc_id: str) -> int:
+    def _oldest(self, db: Executor, doc_id: str, head: int) -> int:
         s = block_snapshots.c
-        return int(
-            db.execute(
-                sa.select(sa.func.min(s.version)).where(s.document_id == doc_id)
-            ).scalar_one()
-        )
+        oldest = db.execute(
+            sa.select(sa.func.min(s.version)).where(s.document_id == doc_id)
+        ).scalar_one()
+        if oldest is None:
+            raise HistoryCorrupted(doc_id, head, "no snapshot is stored")
+        return int(oldest)
 
-    def _rebuild(self, db: Executor, doc_id: str, version: int) -> object:
-        """The page at ``version``: its nearest snapshot at or below, then the patches after."""
-        s, p = block_snapshots.c, block_patches.c
-        snapshot = db.execute(
-            sa.select(s.version, s.content)
-            .where(s.document_id == doc_id, s.version <= version)
-            .order_by(s.version.desc())
-            .limit(1)
-        ).first()
-        if snapshot is None:
-            raise NotFoundError("DocumentVersion", (doc_id, version))
-        rows = db.execute(
-            sa.select(p.version, p.patch)
-            .where(p.document_id == doc_id, p.version > snapshot.version, p.version <= version)
-            .order_by(p.version)
-        ).all()
-        if [row.version for row in rows] != list(range(snapshot.version + 1, version + 1)):
-            raise NotFoundError("DocumentVersion", (doc_id, version))  # past the head, compacted
-        parts = split_document(json.loads(snapshot.content), self.blocks_key)
-        if parts is None:  # never stored by this class
-            raise NotFoundError("DocumentVersion", (doc_id, version))
-        page, meta = ListPage(parts[0], self.id_key), parts[1]
-        for row in rows:
-            ops = _checked(json.loads(row.patch), None, trusted=True)[1]
-            meta = apply_to_page(
-                page, ops, id_key=self.id_key, limits=None, meta=meta, blocks_key=self.blocks_key
-            ).meta
-        return join_document(page.items, meta, self.blocks_key)
+    def _rebuild(self, db: Executor, doc_id: str, version: int) -> tuple[object, str | None]:
+        """The page at ``version`` and the chain's link there (its snapshot, then patches)."""
+        return _integrity.run(db, _integrity.rebuild(self._tables, doc_id, version))
 
     @contextmanager
     def _apply_unit(self, session: Executor | None) -> Iterator[Executor]:
@@ -802,3 +804,16 @@ class BlockHistory(_SyncDriver, _HistoryBase):
             conn.exec_driver_sql("BEGIN IMMEDIATE")
         with db.begin_nested():
             yield db
+
+
+def _insert_snapshot(doc_id: str, version: int, text: str, chain: str | None) -> sa.Insert:
+    """A snapshot row: ``text`` is the page's compact JSON, ``chain`` the link at ``version``."""
+    payload = text.encode()
+    return sa.insert(block_snapshots).values(
+        document_id=doc_id,
+        version=version,
+        content=text,
+        size_bytes=len(payload),
+        digest=chain,
+        content_digest=content_digest(payload),
+    )

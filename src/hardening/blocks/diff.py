@@ -28,6 +28,7 @@ import marshal
 from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass
+from difflib import SequenceMatcher
 
 from hardening.blocks._json import escape, same
 
@@ -207,28 +208,6 @@ class _Differ:
             if key not in old:
                 ops.append({"op": "add", "path": f"{path}/{_token(key)}", "value": after})
 
-    def keys(self, items: list[object]) -> tuple[list[object], list[bool]]:
-        """Each item's match key (unique in the list) and whether it is an id-less item."""
-        id_key = self.id_key
-        ids = [item.get(id_key) if type(item) is dict else None for item in items]
-        if all(type(ident) is str for ident in ids) and len(set(ids)) == len(ids):
-            return ids, [False] * len(ids)  # the common case: unique string ids, no fallback
-        keys: list[object] = []
-        anonymous: list[bool] = []
-        seen: dict[object, int] = {}
-        for item in items:
-            ident = item.get(id_key) if isinstance(item, dict) else None
-            if type(ident) is str or type(ident) is int:
-                key: object = ident
-                anonymous.append(False)
-            else:
-                key = _content_key(item)
-                anonymous.append(True)
-            count = seen.get(key, 0)
-            seen[key] = count + 1
-            keys.append(key if count == 0 else _Nth(key, count))
-        return keys, anonymous
-
     def guard(self, path: str, item: object) -> None:
         """``test`` that ``path`` holds ``item`` (by its id when it has one)."""
         if not self.guards:
@@ -240,9 +219,70 @@ class _Differ:
             self.ops.append({"op": "test", "path": path, "value": item})
 
     def array(self, old: list[object], new: list[object], path: str) -> None:
+        start, end = _shared_ends(old, new)
+        if not start and not end:
+            self.whole_array(old, new, path)
+            return
+        # the items both lists hold as the very same objects at both ends are unchanged: diff
+        # the middle only (what the edits touch), then shift its indices past the start
+        inner = _Differ(self.id_key, self.guards)
+        inner.whole_array(old[start : len(old) - end], new[start : len(new) - end], path)
+        self.ops += _shifted(inner.ops, path, start) if start else inner.ops
+
+    def whole_array(self, old: list[object], new: list[object], path: str) -> None:
+        """The operations for a list, matching every item."""
+        old_keys, old_anonymous, old_repeated = match_keys(old, self.id_key)
+        new_keys, new_anonymous, new_repeated = match_keys(new, self.id_key)
+        if not (old_repeated or new_repeated or True in old_anonymous or True in new_anonymous):
+            self.keyed(old, new, path, old_keys, old_anonymous, new_keys, new_anonymous)
+            return
+        # items matched by content, or an id twice: matching by key may cost more than
+        # matching whole items by content, or than a positional diff (an edit of one of two
+        # equal items, a duplicated id), so write all three and keep the smallest
+        keyed, by_content, positional = (_Differ(self.id_key, self.guards) for _ in range(3))
+        keyed.keyed(old, new, path, old_keys, old_anonymous, new_keys, new_anonymous)
+        old_content, new_content = _content_keys(old), _content_keys(new)
+        every_old, every_new = [True] * len(old), [True] * len(new)
+        by_content.keyed(old, new, path, old_content, every_old, new_content, every_new)
+        positional.positional(old, new, path)
+        candidates: list[list[Operation]] = [keyed.ops, by_content.ops, positional.ops]
+        best: list[Operation] = min(candidates, key=_size)  # the first if tied
+        self.ops += best
+
+    def positional(self, old: list[object], new: list[object], path: str) -> None:
+        """Align the items by content (``difflib``, as ``jsonpatch.make_patch`` does).
+
+        Changed items are paired in place; the rest are removed and added.
+        """
+        matcher = SequenceMatcher(
+            None, [_content_key(item) for item in old], [_content_key(item) for item in new],
+            autojunk=False,
+        )  # fmt: skip
         ops = self.ops
-        old_keys, old_anonymous = self.keys(old)
-        new_keys, new_anonymous = self.keys(new)
+        for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+            if tag == "equal":
+                continue  # the list now matches ``new`` up to j1: indices below are new ones
+            paired = min(i2 - i1, j2 - j1)
+            for k in range(paired):
+                self.edit(old[i1 + k], new[j1 + k], f"{path}/{j1 + k}")
+            for i in range(i1 + paired, i2):
+                self.guard(f"{path}/{j1 + paired}", old[i])
+                ops.append({"op": "remove", "path": f"{path}/{j1 + paired}"})
+            for j in range(j1 + paired, j2):
+                ops.append({"op": "add", "path": f"{path}/{j}", "value": new[j]})
+
+    def keyed(
+        self,
+        old: list[object],
+        new: list[object],
+        path: str,
+        old_keys: list[object],
+        old_anonymous: list[bool],
+        new_keys: list[object],
+        new_anonymous: list[bool],
+    ) -> None:
+        """Match the items by key (id, or content for id-less ones): removes, moves, adds."""
+        ops = self.ops
         if old_keys == new_keys:  # the same items in the same order: edits only
             match = placed = kept = list(range(len(old)))
             moving: set[int] = set()
@@ -399,6 +439,79 @@ def _token(key: object) -> str:
     return escape(key)
 
 
+def match_keys(items: Sequence[object], id_key: str) -> tuple[list[object], list[bool], bool]:
+    """Each item's match key, unique in the list; whether it has no id; whether a key repeats.
+
+    An item's key is its id (a string or an integer under ``id_key``); an item without one is
+    keyed by its content (type and canonical JSON), so equal items match across versions. The
+    n-th repeat of a key already seen (a duplicated id, or equal id-less items) is keyed
+    ``_Nth(key, n)``. The differ and rebase match list items this same way.
+    """
+    ids = [item.get(id_key) if type(item) is dict else None for item in items]
+    if all(type(ident) is str for ident in ids) and len(set(ids)) == len(ids):
+        return ids, [False] * len(ids), False  # the common case: unique string ids
+    keys: list[object] = []
+    anonymous: list[bool] = []
+    seen: dict[object, int] = {}
+    repeated = False
+    for item in items:
+        ident = item.get(id_key) if isinstance(item, dict) else None
+        if type(ident) is str or type(ident) is int:
+            key: object = ident
+            anonymous.append(False)
+        else:
+            key = _content_key(item)
+            anonymous.append(True)
+        count = seen.get(key, 0)
+        seen[key] = count + 1
+        if count:
+            repeated = True
+            key = _Nth(key, count)
+        keys.append(key)
+    return keys, anonymous, repeated
+
+
+def _shared_ends(old: list[object], new: list[object]) -> tuple[int, int]:
+    """How many leading and trailing items two lists hold as the very same objects."""
+    shortest = min(len(old), len(new))
+    start = 0
+    while start < shortest and old[start] is new[start]:
+        start += 1
+    end = 0
+    room = shortest - start
+    while end < room and old[-1 - end] is new[-1 - end]:
+        end += 1
+    return start, end
+
+
+def _shifted(ops: list[Operation], path: str, offset: int) -> list[Operation]:
+    """``ops`` on a sublist starting at ``offset``, re-addressed to the whole list at ``path``."""
+    cut = len(path) + 1
+    for op in ops:
+        for member in ("path", "from"):
+            pointer = op.get(member)
+            if isinstance(pointer, str):
+                index, slash, rest = pointer[cut:].partition("/")
+                op[member] = f"{path}/{int(index) + offset}{slash}{rest}"
+    return ops
+
+
+def _content_keys(items: list[object]) -> list[object]:
+    """Every item keyed by its content (ids ignored), repeats as ``_Nth``."""
+    keys: list[object] = []
+    seen: dict[object, int] = {}
+    for item in items:
+        key = _content_key(item)
+        count = seen.get(key, 0)
+        seen[key] = count + 1
+        keys.append(key if count == 0 else _Nth(key, count))
+    return keys
+
+
+def _size(ops: list[Operation]) -> int:
+    return len(json.dumps(ops, separators=(",", ":"), ensure_ascii=False, default=str))
+
+
 def _content_key(item: object) -> object:
     """A hashable key equal for two items exactly when they are the same JSON."""
     if isinstance(item, (dict, list)):
@@ -406,4 +519,6 @@ def _content_key(item: object) -> object:
             return _Content("json", json.dumps(item, sort_keys=True, separators=(",", ":")))
         except (TypeError, ValueError, RecursionError):
             return _Content("object", id(item))  # not JSON: matches only itself
+    if type(item) is float:
+        return _Content("float", repr(item))  # 0.0 and -0.0 are equal, their JSON is not
     return _Content(type(item).__name__, item)

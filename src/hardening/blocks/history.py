@@ -1,14 +1,10 @@
 """``DocumentHistory``: a document's head, its patches and snapshots in SQL; any version rebuilt.
 
-Three tables (in :attr:`DocumentHistory.metadata`, for your migrations):
-
-- ``hardening_documents``: the head row, one per document: ``id``, ``content`` (JSON),
-  ``version`` (the :class:`~hardening.Versioned` optimistic-lock column) and the bookkeeping
-  the :class:`SnapshotPolicy` needs (last snapshot's size, patches and bytes since).
-- ``hardening_document_patches``: ``(document_id, version)`` → the patch that produced that
-  version from the one before (JSON), its operation count and size.
-- ``hardening_document_snapshots``: ``(document_id, version)`` → the full content at that
-  version (JSON) and its size. Version 1 always has one, until compaction.
+Three tables (in :attr:`DocumentHistory.metadata`, for your migrations; ``_docrows.py``): the
+head row (content, version, snapshot bookkeeping), a patch row per version and snapshots.
+Every patch and snapshot row carries a link of a checksum chain, the head row the head's link
+(``_chain.py``): a rebuild checks the rows it reads, :meth:`DocumentHistory.verify` all of
+them (``_integrity.py``, shared with ``BlockHistory``).
 
 A save is one transaction: read the head, apply (or merge) the patch in memory, one
 ``update_versioned`` on the head row, one patch row, a snapshot row when the policy says so.
@@ -18,39 +14,37 @@ A save is one transaction: read the head, apply (or merge) the patch in memory, 
 from __future__ import annotations
 
 import dataclasses
-import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
 from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
+from typing import TYPE_CHECKING, ClassVar, Literal, TypeVar
 
 from hardening._imports import require
-from hardening._sql import lost_race, sql_unavailable
+from hardening._sql import sql_unavailable
 from hardening.blocks._json import storable
 from hardening.blocks.patch import (
     DEFAULT_LIMITS,
     PatchLimits,
     _Checker,
     apply_patch,
-    apply_trusted,
     patch_size,
     validate_patch,
 )
 from hardening.blocks.policy import SnapshotPolicy, compaction_floor
-from hardening.blocks.rebase import merge_patch
+from hardening.blocks.rebase import TEXT_FIELDS, merge_patch
 from hardening.errors import ConfigurationError, ConflictError, NotFoundError
 
 require("sqlalchemy", extra="sqlalchemy", feature="hardening.DocumentHistory")
 
 import sqlalchemy as sa  # noqa: E402 - after the check that names the extra
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column  # noqa: E402
+from sqlalchemy.orm import Session  # noqa: E402
 
-from hardening.locking import (  # noqa: E402
-    Versioned,
-    _report,
-    update_versioned,
-    update_versioned_async,
-)
+from hardening.blocks import _docrows as rows  # noqa: E402
+from hardening.blocks import _integrity  # noqa: E402
+from hardening.blocks._chain import canonical, link  # noqa: E402
+from hardening.blocks._docrows import Document, HistoryBase  # noqa: E402 - re-exported
+from hardening.blocks._integrity import HistoryReport  # noqa: E402
+from hardening.locking import _report, update_versioned, update_versioned_async  # noqa: E402
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
@@ -64,59 +58,13 @@ __all__ = [
     "DocumentHistory",
     "DocumentVersion",
     "HistoryBase",
+    "HistoryReport",
 ]
 
 T = TypeVar("T")
 ConflictPolicy = Literal["reject", "rebase", "last-write-wins"]
 Executor = Session | sa.Connection
 _CONFLICT_POLICIES = ("reject", "rebase", "last-write-wins")
-
-
-class HistoryBase(DeclarativeBase):
-    """The declarative base of the history tables; its ``metadata`` holds all three."""
-
-    metadata = sa.MetaData()
-
-
-class Document(Versioned, HistoryBase):
-    """The head row of a document: its current content and version."""
-
-    __tablename__ = "hardening_documents"
-
-    id: Mapped[str] = mapped_column(sa.String(255), primary_key=True)
-    content: Mapped[Any] = mapped_column(sa.JSON, nullable=False)
-    snapshot_bytes: Mapped[int] = mapped_column(sa.Integer, nullable=False)
-    patches_since_snapshot: Mapped[int] = mapped_column(sa.Integer, nullable=False)
-    patch_bytes_since_snapshot: Mapped[int] = mapped_column(sa.BigInteger, nullable=False)
-
-
-def _child_table(name: str, *columns: sa.Column[Any]) -> sa.Table:
-    return sa.Table(
-        name,
-        HistoryBase.metadata,
-        sa.Column(
-            "document_id",
-            sa.String(255),
-            sa.ForeignKey("hardening_documents.id", ondelete="CASCADE"),
-            primary_key=True,
-        ),
-        sa.Column("version", sa.Integer, primary_key=True),
-        *columns,
-    )
-
-
-_documents = Document.__table__
-_patches = _child_table(
-    "hardening_document_patches",
-    sa.Column("patch", sa.JSON, nullable=False),
-    sa.Column("operations", sa.Integer, nullable=False),
-    sa.Column("size_bytes", sa.Integer, nullable=False),
-)
-_snapshots = _child_table(
-    "hardening_document_snapshots",
-    sa.Column("content", sa.JSON, nullable=False),
-    sa.Column("size_bytes", sa.Integer, nullable=False),
-)
 
 
 @dataclass(frozen=True)
@@ -135,17 +83,6 @@ class DocumentVersion:
 
 
 @dataclass(frozen=True)
-class _Head:
-    """The head row, as read at the start of a save."""
-
-    version: int
-    content: object
-    snapshot_bytes: int
-    patches_since: int
-    patch_bytes_since: int
-
-
-@dataclass(frozen=True)
 class _Save:
     """What one save writes: the head row's new values, the patch row, maybe a snapshot."""
 
@@ -153,124 +90,13 @@ class _Save:
     stored: list[dict[str, object]]
     size: int
     values: dict[str, object]
-    snapshot_bytes: int | None
+    digest: str
+    snapshot: bytes | None  # the snapshot's compact JSON, when one is due
 
-
-# --- statements (shared by both drivers) -------------------------------------------------
-
-
-def _select_version(doc_id: str) -> sa.Select[Any]:
-    return sa.select(_documents.c.version).where(_documents.c.id == doc_id)
-
-
-def _select_head(doc_id: str, *, lock: bool = False) -> sa.Select[Any]:
-    """The head row; ``lock``: held (``FOR UPDATE``) until the transaction ends."""
-    columns = _documents.c
-    query = sa.select(
-        columns.version,
-        columns.content,
-        columns.snapshot_bytes,
-        columns.patches_since_snapshot,
-        columns.patch_bytes_since_snapshot,
-    ).where(columns.id == doc_id)
-    return query.with_for_update() if lock else query
-
-
-def _head(row: Any, doc_id: str) -> _Head:
-    if row is None:
-        raise NotFoundError("Document", doc_id)
-    return _Head(
-        version=row.version,
-        content=row.content,
-        snapshot_bytes=row.snapshot_bytes,
-        patches_since=row.patches_since_snapshot,
-        patch_bytes_since=row.patch_bytes_since_snapshot,
-    )
-
-
-def _select_snapshot(doc_id: str, version: int) -> sa.Select[Any]:
-    """The nearest snapshot at or below ``version``."""
-    return (
-        sa.select(_snapshots.c.version, _snapshots.c.content)
-        .where(_snapshots.c.document_id == doc_id, _snapshots.c.version <= version)
-        .order_by(_snapshots.c.version.desc())
-        .limit(1)
-    )
-
-
-def _select_patches(doc_id: str, after: int, upto: int) -> sa.Select[Any]:
-    return (
-        sa.select(_patches.c.version, _patches.c.patch)
-        .where(
-            _patches.c.document_id == doc_id,
-            _patches.c.version > after,
-            _patches.c.version <= upto,
-        )
-        .order_by(_patches.c.version)
-    )
-
-
-def _replay(snapshot: Any, rows: list[Any], doc_id: str, version: int) -> object:
-    """The content at ``version`` from its snapshot row and the patch rows after it."""
-    content: object = snapshot.content
-    expected = range(snapshot.version + 1, version + 1)  # a range object: no allocation
-    if len(rows) != len(expected) or any(
-        r.version != v for r, v in zip(rows, expected, strict=True)
-    ):
-        raise NotFoundError("DocumentVersion", (doc_id, version))  # past the head, or compacted
-    for row in rows:
-        content = apply_trusted(content, row.patch)  # a fresh parse: ours to change in place
-    return content
-
-
-def _select_oldest(doc_id: str) -> sa.Select[Any]:
-    return sa.select(sa.func.min(_snapshots.c.version)).where(_snapshots.c.document_id == doc_id)
-
-
-def _select_snapshot_at(doc_id: str, version: int) -> sa.Select[Any]:
-    return sa.select(_snapshots.c.version).where(
-        _snapshots.c.document_id == doc_id, _snapshots.c.version == version
-    )
-
-
-def _insert_document(doc_id: str, content: object, size: int) -> sa.Insert:
-    return sa.insert(Document).values(
-        id=doc_id,
-        content=content,
-        version=1,
-        snapshot_bytes=size,
-        patches_since_snapshot=0,
-        patch_bytes_since_snapshot=0,
-    )
-
-
-def _insert_snapshot(doc_id: str, version: int, content: object, size: int) -> sa.Insert:
-    return sa.insert(_snapshots).values(
-        document_id=doc_id, version=version, content=content, size_bytes=size
-    )
-
-
-def _insert_patch(doc_id: str, version: int, save: _Save) -> sa.Insert:
-    return sa.insert(_patches).values(
-        document_id=doc_id,
-        version=version,
-        patch=save.stored,
-        operations=len(save.stored),
-        size_bytes=save.size,
-    )
-
-
-def _compaction(doc_id: str, floor: int) -> tuple[sa.Delete, sa.Delete]:
-    return (
-        sa.delete(_snapshots).where(
-            _snapshots.c.document_id == doc_id, _snapshots.c.version < floor
-        ),
-        sa.delete(_patches).where(_patches.c.document_id == doc_id, _patches.c.version <= floor),
-    )
-
-
-def _json_size(value: object) -> int:
-    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+    @property
+    def row(self) -> tuple[list[dict[str, object]], int, str]:
+        """The patch row's values: the patch, its size, its chain digest."""
+        return self.stored, self.size, self.digest
 
 
 def _block_count(content: object) -> int | None:
@@ -279,59 +105,6 @@ def _block_count(content: object) -> int | None:
     if isinstance(content, dict) and isinstance(content.get("blocks"), list):
         return len(content["blocks"])
     return None
-
-
-def _exists(doc_id: str) -> ConflictError:
-    return ConflictError("Document", doc_id, expected_version=None, current_version=None)
-
-
-def _not_found(doc_id: str) -> NotFoundError:
-    return NotFoundError("Document", doc_id)
-
-
-def _check_version(doc_id: str, version: int, head_version: int | None) -> None:
-    """Refuse versions that cannot exist before touching the store (no huge ranges)."""
-    if head_version is None:
-        raise _not_found(doc_id)
-    if not 1 <= version < head_version:
-        raise NotFoundError("DocumentVersion", (doc_id, version))
-
-
-def _check_base(base_version: object) -> None:
-    if base_version is not None and type(base_version) is not int:
-        raise ConfigurationError(f"base_version must be an int or None, not {base_version!r}")
-
-
-def _aborted(conflict: ConflictError) -> bool:
-    """Whether ``conflict`` is a lost race that aborted its transaction (40001, 40P01)."""
-    return conflict.__cause__ is not None and lost_race(conflict.__cause__)
-
-
-def _race_conflict(
-    exc: Exception, doc_id: str, base_version: int | None, metrics: Metrics | None
-) -> ConflictError | None:
-    """The conflict a serialization failure or deadlock stands for (``None``: not one).
-
-    Raised inside ``update_versioned`` it is already a ``ConflictError`` (from the driver's
-    error); raised by another statement or by the commit, it becomes one here.
-    """
-    if isinstance(exc, ConflictError):
-        return exc if _aborted(exc) else None
-    if not lost_race(exc):
-        return None
-    error = ConflictError("Document", doc_id, expected_version=base_version, current_version=None)
-    return _report(error, metrics, None)
-
-
-def _check_id(doc_id: object) -> str:
-    """A document id that could exist; else the document is simply not found (404).
-
-    Ids come from URLs: NUL (which PostgreSQL cannot store), a lone surrogate (which no
-    database can) or an over-long id must not reach the database as an error.
-    """
-    if not isinstance(doc_id, str) or not 1 <= len(doc_id) <= 255 or not storable(doc_id):
-        raise NotFoundError("Document", doc_id if isinstance(doc_id, str) else repr(doc_id))
-    return doc_id
 
 
 # --- the logic both drivers share --------------------------------------------------------
@@ -352,6 +125,8 @@ class _HistoryBase:
         id_key: str,
         metrics: Metrics | None,
         retries: int,
+        text_fields: Collection[str] = TEXT_FIELDS,
+        delete_wins: bool = False,
     ) -> None:
         if conflict not in _CONFLICT_POLICIES:
             raise ConfigurationError(f"conflict must be one of {_CONFLICT_POLICIES}")
@@ -363,22 +138,24 @@ class _HistoryBase:
         self.id_key = id_key
         self.metrics = metrics
         self.retries = retries
+        self.text_fields = tuple(text_fields)
+        self.delete_wins = delete_wins
 
-    def _new_document(self, doc_id: str, content: object) -> int:
-        """Check a new document's id and content; return the content's size."""
+    def _new_document(self, doc_id: str, content: object) -> bytes:
+        """Check a new document's id and content; return the content's compact JSON."""
         if not isinstance(doc_id, str) or not 1 <= len(doc_id) <= 255 or not storable(doc_id):
             raise ConfigurationError(
                 "a document id is a string of 1 to 255 characters (valid Unicode, no NUL)"
             )
         limits = self.limits and dataclasses.replace(self.limits, max_bytes=2**62)
         _Checker(limits).value(content, 0, None, None)  # a document may outweigh a patch
-        return _json_size(content)
+        return rows.json_bytes(content)
 
     def _incoming(self, patch: object, base_version: int | None) -> list[dict[str, object]]:
-        _check_base(base_version)
+        rows.check_base(base_version)
         return validate_patch(patch, limits=self.limits)
 
-    def _needs_base(self, doc_id: str, head: _Head, base_version: int | None) -> bool:
+    def _needs_base(self, doc_id: str, head: rows.Head, base_version: int | None) -> bool:
         """Whether the save must merge against ``base_version`` (else it applies to head)."""
         if base_version is None or base_version == head.version:
             return False
@@ -392,7 +169,7 @@ class _HistoryBase:
         )
         return _report(error, self.metrics, None)
 
-    def _plan(self, head: _Head, ops: list[dict[str, object]], base: object) -> _Save:
+    def _plan(self, head: rows.Head, ops: list[dict[str, object]], base: object) -> _Save:
         """Apply (or merge) the patch and work out everything the save writes."""
         if base is _NO_BASE:
             content: object = apply_patch(head.content, ops, limits=self.limits, in_place=True)
@@ -405,27 +182,32 @@ class _HistoryBase:
                 id_key=self.id_key,
                 limits=self.limits,
                 prefer_patch=self.conflict == "last-write-wins",
+                text_fields=self.text_fields,
+                delete_wins=self.delete_wins,
             )
         size = patch_size(stored)
+        digest = link(head.digest, head.version + 1, canonical(stored))  # the version it makes
         patches = head.patches_since + 1
         patch_bytes = head.patch_bytes_since + size
         if self.snapshots.due(
             patches=patches, patch_bytes=patch_bytes, snapshot_bytes=head.snapshot_bytes
         ):
-            snapshot_bytes = _json_size(content)
+            snapshot = rows.json_bytes(content)
             values: dict[str, object] = {
                 "content": content,
-                "snapshot_bytes": snapshot_bytes,
+                "snapshot_bytes": len(snapshot),
                 "patches_since_snapshot": 0,
                 "patch_bytes_since_snapshot": 0,
+                "digest": digest,
             }
-            return _Save(content, stored, size, values, snapshot_bytes)
+            return _Save(content, stored, size, values, digest, snapshot)
         values = {
             "content": content,
             "patches_since_snapshot": patches,
             "patch_bytes_since_snapshot": patch_bytes,
+            "digest": digest,
         }
-        return _Save(content, stored, size, values, None)
+        return _Save(content, stored, size, values, digest, None)
 
     def _retry(self, attempt: int, base_version: int | None) -> bool:
         """Whether a save that lost the race for the head row should read it again.
@@ -473,7 +255,7 @@ class _SyncDriver:
                 with (unit or self._transaction)(session) as db:
                     return work(db)
             except Exception as exc:
-                conflict = _race_conflict(exc, doc_id, base_version, self.metrics)
+                conflict = rows.race_conflict(exc, doc_id, base_version, self.metrics)
                 if conflict is None:
                     raise
                 if session is not None or attempt >= self.retries:
@@ -522,6 +304,10 @@ class DocumentHistory(_SyncDriver, _HistoryBase):
             again before raising; and, under every policy, how many times a save in a
             transaction of its own that the database aborted as a lost race (serialization
             failure or deadlock, under ``REPEATABLE READ``/``SERIALIZABLE``) is run again.
+        text_fields: members whose strings a merge combines as text (edits of different parts
+            both land; see :func:`~hardening.rebase`); ``()`` for none.
+        delete_wins: when merging, a block deleted on one side stays deleted and the other
+            side's edits inside it are dropped, instead of a ``PatchConflict``.
 
     Raises:
         ConfigurationError: an unknown conflict policy or a negative ``retries``.
@@ -537,6 +323,8 @@ class DocumentHistory(_SyncDriver, _HistoryBase):
         id_key: str = "id",
         metrics: Metrics | None = None,
         retries: int = 3,
+        text_fields: Collection[str] = TEXT_FIELDS,
+        delete_wins: bool = False,
     ) -> None:
         super().__init__(
             snapshots=snapshots,
@@ -545,6 +333,8 @@ class DocumentHistory(_SyncDriver, _HistoryBase):
             id_key=id_key,
             metrics=metrics,
             retries=retries,
+            text_fields=text_fields,
+            delete_wins=delete_wins,
         )
         self.engine = engine
 
@@ -580,16 +370,16 @@ class DocumentHistory(_SyncDriver, _HistoryBase):
             PatchLimitExceeded: ``content`` exceeds ``limits``.
             BackendUnavailable: the database could not be reached or timed out (503).
         """
-        size = self._new_document(doc_id, content)
+        payload = self._new_document(doc_id, content)
 
         def insert(db: Executor) -> int:
-            if db.execute(_select_version(doc_id)).first() is not None:
-                raise _exists(doc_id)
+            if db.execute(rows.select_version(doc_id)).first() is not None:
+                raise rows.exists(doc_id)
             try:
-                db.execute(_insert_document(doc_id, content, size))
+                db.execute(rows.insert_document(doc_id, content, payload))
             except sa.exc.IntegrityError as exc:  # created concurrently
-                raise _exists(doc_id) from exc
-            db.execute(_insert_snapshot(doc_id, 1, content, size))
+                raise rows.exists(doc_id) from exc
+            db.execute(rows.insert_snapshot(doc_id, 1, content, payload, link(None, 1, payload)))
             return 1
 
         # SERIALIZABLE reports a concurrent create as a serialization failure: the rerun
@@ -649,7 +439,7 @@ class DocumentHistory(_SyncDriver, _HistoryBase):
                 ``"reject"`` a resend with the old ``base_version`` is refused (409), but a
                 merging policy would apply it twice.
         """
-        doc_id = _check_id(doc_id)
+        doc_id = rows.check_id(doc_id)
         ops = self._incoming(patch, base_version)
         version, save = self._run(
             session,
@@ -666,12 +456,12 @@ class DocumentHistory(_SyncDriver, _HistoryBase):
         """One attempt at a save, in ``db``'s transaction: the new version and what it wrote."""
         attempt = 0
         while True:
-            row = db.execute(_select_head(doc_id, lock=base_version is None)).first()
-            head = _head(row, doc_id)
+            row = db.execute(rows.select_head(doc_id, lock=base_version is None)).first()
+            head = rows.head(row, doc_id)
             base = _NO_BASE
             if base_version is not None and self._needs_base(doc_id, head, base_version):
                 try:
-                    base = _rebuild(db, doc_id, base_version)
+                    base = rows.rebuild(db, doc_id, base_version)[0]
                 except NotFoundError:  # compacted away: nothing to merge against
                     raise self._stale(doc_id, head.version, base_version) from None
             save = self._plan(head, ops, base)
@@ -681,12 +471,14 @@ class DocumentHistory(_SyncDriver, _HistoryBase):
                 )
                 break
             except ConflictError as exc:
-                if _aborted(exc) or not self._retry(attempt, base_version):
+                if rows.aborted(exc) or not self._retry(attempt, base_version):
                     raise
                 attempt += 1
-        db.execute(_insert_patch(doc_id, version, save))
-        if save.snapshot_bytes is not None:
-            db.execute(_insert_snapshot(doc_id, version, save.content, save.snapshot_bytes))
+        db.execute(rows.insert_patch(doc_id, version, *save.row))
+        if save.snapshot is not None:
+            db.execute(
+                rows.insert_snapshot(doc_id, version, save.content, save.snapshot, save.digest)
+            )
         return version, save
 
     @sql_unavailable
@@ -705,41 +497,70 @@ class DocumentHistory(_SyncDriver, _HistoryBase):
 
         Raises:
             NotFoundError: no such document, or that version is not (or no longer) kept.
+            HistoryCorrupted: a row the rebuild needs is missing, garbage, or does not match
+                its digest (500; never a 404 or 422 for damaged stored data).
             BackendUnavailable: the database could not be reached or timed out (503).
         """
-        doc_id = _check_id(doc_id)
+        doc_id = rows.check_id(doc_id)
         if version is not None and type(version) is not int:
             raise ConfigurationError(f"version must be an int, not {version!r}")
         with self._transaction(session) as db:
             if version is not None:
-                head_version = db.execute(_select_version(doc_id)).scalar_one_or_none()
+                head_version = db.execute(rows.select_version(doc_id)).scalar_one_or_none()
                 if version != head_version:
-                    _check_version(doc_id, version, head_version)
-                    return DocumentVersion(doc_id, version, _rebuild(db, doc_id, version))
-            head = _head(db.execute(_select_head(doc_id)).first(), doc_id)
+                    rows.check_version(doc_id, version, head_version)
+                    return DocumentVersion(doc_id, version, rows.rebuild(db, doc_id, version)[0])
+            head = rows.head(db.execute(rows.select_head(doc_id)).first(), doc_id)
             return DocumentVersion(doc_id, head.version, head.content)
 
     @sql_unavailable
     def versions(self, doc_id: str, *, session: Executor | None = None) -> list[int]:
-        """The versions ``load`` can rebuild, oldest first.
+        """The versions ``load`` can give, oldest first: none of them is "not found".
+
+        The head, and every older version whose patch rows, from its nearest snapshot up to
+        it, are all stored. A version missing from a run of kept ones lost a row: ``load``
+        raises :class:`~hardening.HistoryCorrupted` for it and :meth:`verify` reports it.
+        Reads the versions' numbers (an index scan), not their rows.
 
         Args:
             doc_id: the document's id.
             session: run in this ``Session``/``Connection``'s transaction.
 
         Returns:
-            Every version from the oldest kept one to the head.
+            The versions, from the oldest kept one to the head.
 
         Raises:
             NotFoundError: no such document.
             BackendUnavailable: the database could not be reached or timed out (503).
         """
-        doc_id = _check_id(doc_id)
+        doc_id = rows.check_id(doc_id)
         with self._transaction(session) as db:
-            head = db.execute(_select_version(doc_id)).scalar_one_or_none()
-            if head is None:
-                raise _not_found(doc_id)
-            return list(range(db.execute(_select_oldest(doc_id)).scalar_one(), head + 1))
+            return _integrity.run(db, _integrity.versions(rows.TABLES, doc_id))
+
+    @sql_unavailable
+    def verify(self, doc_id: str, *, session: Executor | None = None) -> HistoryReport:
+        """Check every kept version of a document: its rows, the checksum chain, the head.
+
+        Replays the history from the oldest snapshot, checking that every patch row is
+        there, parses, applies and matches its chain digest, that every snapshot matches its
+        digests and the replay, and that the head is where the replay ends. Rows are read a
+        page at a time: memory holds the document, one snapshot and one page of patches. Rows
+        written before the chain existed are accepted (counted as ``unchained``).
+
+        Args:
+            doc_id: the document's id.
+            session: run in this ``Session``/``Connection``'s transaction.
+
+        Returns:
+            The report: ``ok``, how many versions were checked, the first problem found.
+
+        Raises:
+            NotFoundError: no such document.
+            BackendUnavailable: the database could not be reached or timed out (503).
+        """
+        doc_id = rows.check_id(doc_id)
+        with self._transaction(session) as db:
+            return _integrity.run(db, _integrity.verify(rows.TABLES, doc_id))
 
     @sql_unavailable
     def compact(self, doc_id: str, *, keep: int, session: Executor | None = None) -> int:
@@ -760,34 +581,24 @@ class DocumentHistory(_SyncDriver, _HistoryBase):
         Raises:
             NotFoundError: no such document.
             ConfigurationError: ``keep`` is not a positive int.
+            HistoryCorrupted: the rows up to the new oldest version are damaged.
             BackendUnavailable: the database could not be reached or timed out (503).
         """
-        doc_id = _check_id(doc_id)
+        doc_id = rows.check_id(doc_id)
         with self._transaction(session) as db:
-            head = db.execute(_select_version(doc_id)).scalar_one_or_none()
+            head = db.execute(rows.select_version(doc_id)).scalar_one_or_none()
             if head is None:
-                raise _not_found(doc_id)
-            oldest = db.execute(_select_oldest(doc_id)).scalar_one()
+                raise rows.not_found(doc_id)
+            oldest = rows.kept(doc_id, head, db.execute(rows.select_oldest(doc_id)).scalar_one())
             floor = compaction_floor(head=head, oldest=oldest, keep=keep)
             if floor == oldest:
                 return floor
-            if db.execute(_select_snapshot_at(doc_id, floor)).first() is None:
-                content = _rebuild(db, doc_id, floor)
-                db.execute(_insert_snapshot(doc_id, floor, content, _json_size(content)))
-            for statement in _compaction(doc_id, floor):
+            if db.execute(rows.select_snapshot_at(doc_id, floor)).first() is None:
+                content, chain = rows.rebuild(db, doc_id, floor)
+                db.execute(rows.insert_snapshot(doc_id, floor, content, canonical(content), chain))
+            for statement in rows.compaction(doc_id, floor):
                 db.execute(statement)
             return floor
-
-
-def _rebuild(db: Executor, doc_id: str, version: int) -> object:
-    """The content at ``version``: its nearest snapshot at or below, plus the patches after."""
-    snapshot = db.execute(_select_snapshot(doc_id, version)).first()
-    if snapshot is None:
-        raise NotFoundError("DocumentVersion", (doc_id, version))
-    rows = []
-    if snapshot.version != version:
-        rows = list(db.execute(_select_patches(doc_id, snapshot.version, version)))
-    return _replay(snapshot, rows, doc_id, version)
 
 
 class AsyncDocumentHistory(_HistoryBase):
@@ -805,6 +616,8 @@ class AsyncDocumentHistory(_HistoryBase):
         metrics: a registry for ``patch_applied`` and conflicts.
         retries: re-reads after losing the race for the head row (merging policies), and
             reruns of a transaction of its own the database aborted as a lost race.
+        text_fields: members whose strings a merge combines as text.
+        delete_wins: a deletion drops concurrent edits inside the deleted block.
 
     Raises:
         ConfigurationError: an unknown conflict policy or a negative ``retries``.
@@ -820,6 +633,8 @@ class AsyncDocumentHistory(_HistoryBase):
         id_key: str = "id",
         metrics: Metrics | None = None,
         retries: int = 3,
+        text_fields: Collection[str] = TEXT_FIELDS,
+        delete_wins: bool = False,
     ) -> None:
         super().__init__(
             snapshots=snapshots,
@@ -828,6 +643,8 @@ class AsyncDocumentHistory(_HistoryBase):
             id_key=id_key,
             metrics=metrics,
             retries=retries,
+            text_fields=text_fields,
+            delete_wins=delete_wins,
         )
         self.engine = engine
 
@@ -868,16 +685,17 @@ class AsyncDocumentHistory(_HistoryBase):
             PatchLimitExceeded: ``content`` exceeds ``limits``.
             BackendUnavailable: the database could not be reached or timed out (503).
         """
-        size = self._new_document(doc_id, content)
+        payload = self._new_document(doc_id, content)
+        chain = link(None, 1, payload)
 
         async def insert(db: AsyncSession | AsyncConnection) -> int:
-            if (await db.execute(_select_version(doc_id))).first() is not None:
-                raise _exists(doc_id)
+            if (await db.execute(rows.select_version(doc_id))).first() is not None:
+                raise rows.exists(doc_id)
             try:
-                await db.execute(_insert_document(doc_id, content, size))
+                await db.execute(rows.insert_document(doc_id, content, payload))
             except sa.exc.IntegrityError as exc:
-                raise _exists(doc_id) from exc
-            await db.execute(_insert_snapshot(doc_id, 1, content, size))
+                raise rows.exists(doc_id) from exc
+            await db.execute(rows.insert_snapshot(doc_id, 1, content, payload, chain))
             return 1
 
         return await self._run(session, insert, doc_id=doc_id, base_version=None)
@@ -913,7 +731,7 @@ class AsyncDocumentHistory(_HistoryBase):
                 with :meth:`DocumentHistory.save`, a connection that broke at the commit may
                 hide a stored save.
         """
-        doc_id = _check_id(doc_id)
+        doc_id = rows.check_id(doc_id)
         ops = self._incoming(patch, base_version)
         version, save = await self._run(
             session,
@@ -939,7 +757,7 @@ class AsyncDocumentHistory(_HistoryBase):
                 async with self._transaction(session) as db:
                     return await work(db)
             except Exception as exc:
-                conflict = _race_conflict(exc, doc_id, base_version, self.metrics)
+                conflict = rows.race_conflict(exc, doc_id, base_version, self.metrics)
                 if conflict is None:
                     raise
                 if session is not None or attempt >= self.retries:
@@ -957,12 +775,12 @@ class AsyncDocumentHistory(_HistoryBase):
     ) -> tuple[int, _Save]:
         attempt = 0
         while True:
-            row = (await db.execute(_select_head(doc_id, lock=base_version is None))).first()
-            head = _head(row, doc_id)
+            row = (await db.execute(rows.select_head(doc_id, lock=base_version is None))).first()
+            head = rows.head(row, doc_id)
             base = _NO_BASE
             if base_version is not None and self._needs_base(doc_id, head, base_version):
                 try:
-                    base = await _rebuild_async(db, doc_id, base_version)
+                    base = (await rows.rebuild_async(db, doc_id, base_version))[0]
                 except NotFoundError:
                     raise self._stale(doc_id, head.version, base_version) from None
             save = self._plan(head, ops, base)
@@ -972,12 +790,14 @@ class AsyncDocumentHistory(_HistoryBase):
                 )
                 break
             except ConflictError as exc:
-                if _aborted(exc) or not self._retry(attempt, base_version):
+                if rows.aborted(exc) or not self._retry(attempt, base_version):
                     raise
                 attempt += 1
-        await db.execute(_insert_patch(doc_id, version, save))
-        if save.snapshot_bytes is not None:
-            await db.execute(_insert_snapshot(doc_id, version, save.content, save.snapshot_bytes))
+        await db.execute(rows.insert_patch(doc_id, version, *save.row))
+        if save.snapshot is not None:
+            await db.execute(
+                rows.insert_snapshot(doc_id, version, save.content, save.snapshot, save.digest)
+            )
         return version, save
 
     @sql_unavailable
@@ -1000,45 +820,63 @@ class AsyncDocumentHistory(_HistoryBase):
 
         Raises:
             NotFoundError: no such document, or that version is not kept.
+            HistoryCorrupted: a row the rebuild needs is damaged (500).
             BackendUnavailable: the database could not be reached or timed out (503).
         """
-        doc_id = _check_id(doc_id)
+        doc_id = rows.check_id(doc_id)
         if version is not None and type(version) is not int:
             raise ConfigurationError(f"version must be an int, not {version!r}")
         async with self._transaction(session) as db:
             if version is not None:
-                head_version = (await db.execute(_select_version(doc_id))).scalar_one_or_none()
+                head_version = (await db.execute(rows.select_version(doc_id))).scalar_one_or_none()
                 if version != head_version:
-                    _check_version(doc_id, version, head_version)
-                    content = await _rebuild_async(db, doc_id, version)
+                    rows.check_version(doc_id, version, head_version)
+                    content = (await rows.rebuild_async(db, doc_id, version))[0]
                     return DocumentVersion(doc_id, version, content)
-            head = _head((await db.execute(_select_head(doc_id))).first(), doc_id)
+            head = rows.head((await db.execute(rows.select_head(doc_id))).first(), doc_id)
             return DocumentVersion(doc_id, head.version, head.content)
 
     @sql_unavailable
     async def versions(
         self, doc_id: str, *, session: AsyncSession | AsyncConnection | None = None
     ) -> list[int]:
-        """The versions ``load`` can rebuild, oldest first.
+        """The versions ``load`` can give, oldest first (see :meth:`DocumentHistory.versions`).
 
         Args:
             doc_id: the document's id.
             session: run in this transaction.
 
         Returns:
-            Every version from the oldest kept one to the head.
+            The versions, from the oldest kept one to the head.
 
         Raises:
             NotFoundError: no such document.
             BackendUnavailable: the database could not be reached or timed out (503).
         """
-        doc_id = _check_id(doc_id)
+        doc_id = rows.check_id(doc_id)
         async with self._transaction(session) as db:
-            head = (await db.execute(_select_version(doc_id))).scalar_one_or_none()
-            if head is None:
-                raise _not_found(doc_id)
-            oldest = (await db.execute(_select_oldest(doc_id))).scalar_one()
-            return list(range(oldest, head + 1))
+            return await _integrity.run_async(db, _integrity.versions(rows.TABLES, doc_id))
+
+    @sql_unavailable
+    async def verify(
+        self, doc_id: str, *, session: AsyncSession | AsyncConnection | None = None
+    ) -> HistoryReport:
+        """Check every kept version of a document (see :meth:`DocumentHistory.verify`).
+
+        Args:
+            doc_id: the document's id.
+            session: run in this transaction.
+
+        Returns:
+            The report: ``ok``, how many versions were checked, the first problem found.
+
+        Raises:
+            NotFoundError: no such document.
+            BackendUnavailable: the database could not be reached or timed out (503).
+        """
+        doc_id = rows.check_id(doc_id)
+        async with self._transaction(session) as db:
+            return await _integrity.run_async(db, _integrity.verify(rows.TABLES, doc_id))
 
     @sql_unavailable
     async def compact(
@@ -1061,21 +899,25 @@ class AsyncDocumentHistory(_HistoryBase):
         Raises:
             NotFoundError: no such document.
             ConfigurationError: ``keep`` is not a positive int.
+            HistoryCorrupted: the rows up to the new oldest version are damaged.
             BackendUnavailable: the database could not be reached or timed out (503).
         """
-        doc_id = _check_id(doc_id)
+        doc_id = rows.check_id(doc_id)
         async with self._transaction(session) as db:
-            head = (await db.execute(_select_version(doc_id))).scalar_one_or_none()
+            head = (await db.execute(rows.select_version(doc_id))).scalar_one_or_none()
             if head is None:
-                raise _not_found(doc_id)
-            oldest = (await db.execute(_select_oldest(doc_id))).scalar_one()
+                raise rows.not_found(doc_id)
+            oldest = rows.kept(
+                doc_id, head, (await db.execute(rows.select_oldest(doc_id))).scalar_one()
+            )
             floor = compaction_floor(head=head, oldest=oldest, keep=keep)
             if floor == oldest:
                 return floor
-            if (await db.execute(_select_snapshot_at(doc_id, floor))).first() is None:
-                content = await _rebuild_async(db, doc_id, floor)
-                await db.execute(_insert_snapshot(doc_id, floor, content, _json_size(content)))
-            for statement in _compaction(doc_id, floor):
+            if (await db.execute(rows.select_snapshot_at(doc_id, floor))).first() is None:
+                content, chain = await rows.rebuild_async(db, doc_id, floor)
+                payload = canonical(content)
+                await db.execute(rows.insert_snapshot(doc_id, floor, content, payload, chain))
+            for statement in rows.compaction(doc_id, floor):
                 await db.execute(statement)
             return floor
 
@@ -1094,13 +936,3 @@ class AsyncDocumentHistory(_HistoryBase):
             return
         async with self._engine(None).begin() as conn:
             yield conn
-
-
-async def _rebuild_async(db: AsyncSession | AsyncConnection, doc_id: str, version: int) -> object:
-    snapshot = (await db.execute(_select_snapshot(doc_id, version))).first()
-    if snapshot is None:
-        raise NotFoundError("DocumentVersion", (doc_id, version))
-    rows = []
-    if snapshot.version != version:
-        rows = list(await db.execute(_select_patches(doc_id, snapshot.version, version)))
-    return _replay(snapshot, rows, doc_id, version)
