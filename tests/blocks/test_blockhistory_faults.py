@@ -23,6 +23,7 @@ import sqlalchemy as sa
 
 from hardening import BackendUnavailable, BlockHistory, ConflictError, statement_deadline
 from hardening.blocks.history import ConflictPolicy
+from tests.blocks.proxied import dump_rows, engine_opener
 from tests.concurrency import outcome_within
 from tests.faultproxy import CONNECT_TIMEOUT, SLACK, UNBOUNDED_PG_REPLY, FaultProxy, wait_until
 
@@ -41,38 +42,13 @@ PAUSE = 0.002
 def open_engine(
     pg_schema: str, postgres_url: str, postgres_proxy: FaultProxy
 ) -> Iterator[Callable[..., sa.Engine]]:
-    """Open engines on the test's schema through the proxy, with BlockHistory's tables."""
-    engines: list[sa.Engine] = []
-
-    def open_(**pool: Any) -> sa.Engine:
-        engine = sa.create_engine(
-            postgres_proxy.postgres_url(postgres_url),
-            connect_args={
-                "options": f"-csearch_path={pg_schema}",
-                "connect_timeout": CONNECT_TIMEOUT,
-            },
-            **pool,
-        )
-        engines.append(engine)
-        BlockHistory.metadata.create_all(engine)
-        return engine
-
-    try:
-        yield open_
-    finally:
-        postgres_proxy.restore()
-        for engine in engines:
-            engine.dispose()
+    """Open engines on the test's schema through the proxy, with the history's tables."""
+    yield from engine_opener(BlockHistory.metadata, pg_schema, postgres_url, postgres_proxy)
 
 
 def _rows(engine: sa.Engine) -> str:
-    """Every row of the four tables, to compare before and after."""
-    dump = {}
-    with engine.connect() as conn:
-        for table in BlockHistory.metadata.sorted_tables:
-            rows = conn.execute(sa.select(table).order_by(*table.primary_key.columns)).all()
-            dump[table.name] = [[str(value) for value in row] for row in rows]
-    return json.dumps(dump, sort_keys=True)
+    """Every row of the history's tables, to compare before and after."""
+    return dump_rows(engine, BlockHistory.metadata)
 
 
 def _block(block_id: str, text: str = "") -> dict[str, Any]:

@@ -9,7 +9,6 @@ the crowd of savers makes them wait instead of failing.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +19,7 @@ import sqlalchemy as sa
 
 from hardening import BackendUnavailable, ConflictError, DocumentHistory
 from hardening.blocks.history import HistoryBase
+from tests.blocks.proxied import dump_rows, engine_opener
 from tests.concurrency import outcome_within
 from tests.faultproxy import (
     CONNECT_TIMEOUT,
@@ -38,38 +38,13 @@ pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 def open_engine(
     pg_schema: str, postgres_url: str, postgres_proxy: FaultProxy
 ) -> Iterator[Callable[..., sa.Engine]]:
-    """Open engines on the test's schema through the proxy, with the history tables."""
-    engines: list[sa.Engine] = []
-
-    def open_(**pool: Any) -> sa.Engine:
-        engine = sa.create_engine(
-            postgres_proxy.postgres_url(postgres_url),
-            connect_args={
-                "options": f"-csearch_path={pg_schema}",
-                "connect_timeout": CONNECT_TIMEOUT,
-            },
-            **pool,
-        )
-        engines.append(engine)
-        HistoryBase.metadata.create_all(engine)
-        return engine
-
-    try:
-        yield open_
-    finally:
-        postgres_proxy.restore()
-        for engine in engines:
-            engine.dispose()
+    """Open engines on the test's schema through the proxy, with the history's tables."""
+    yield from engine_opener(HistoryBase.metadata, pg_schema, postgres_url, postgres_proxy)
 
 
 def _rows(engine: sa.Engine) -> str:
-    """Every row of the three tables, to compare before and after."""
-    dump = {}
-    with engine.connect() as conn:
-        for table in HistoryBase.metadata.sorted_tables:
-            rows = conn.execute(sa.select(table).order_by(*table.primary_key.columns)).all()
-            dump[table.name] = [[str(value) for value in row] for row in rows]
-    return json.dumps(dump, sort_keys=True)
+    """Every row of the history's tables, to compare before and after."""
+    return dump_rows(engine, HistoryBase.metadata)
 
 
 def _append(value: object) -> list[dict[str, object]]:

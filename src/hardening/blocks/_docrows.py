@@ -310,6 +310,31 @@ def aborted(conflict: ConflictError) -> bool:
     return conflict.__cause__ is not None and lost_race(conflict.__cause__)
 
 
+def rerun_or_raise(
+    exc: Exception,
+    *,
+    mine: bool,
+    attempt: int,
+    retries: int,
+    doc_id: str,
+    base_version: int | None,
+    metrics: Metrics | None,
+) -> None:
+    """Return when the transaction that raised ``exc`` should run again; else raise.
+
+    A lost race (serialization failure, deadlock) in a transaction of the history's own
+    (``mine``) is run again while ``attempt < retries``; once they are spent, or in a caller's
+    transaction, it is raised as a ``ConflictError``. Anything else is raised as it is.
+    """
+    conflict = race_conflict(exc, doc_id, base_version, metrics)
+    if conflict is None:
+        raise exc
+    if not mine or attempt >= retries:
+        if conflict is exc:
+            raise exc
+        raise conflict from exc
+
+
 def race_conflict(
     exc: Exception, doc_id: str, base_version: int | None, metrics: Metrics | None
 ) -> ConflictError | None:

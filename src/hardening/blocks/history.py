@@ -255,13 +255,15 @@ class _SyncDriver:
                 with (unit or self._transaction)(session) as db:
                     return work(db)
             except Exception as exc:
-                conflict = rows.race_conflict(exc, doc_id, base_version, self.metrics)
-                if conflict is None:
-                    raise
-                if session is not None or attempt >= self.retries:
-                    if conflict is exc:
-                        raise
-                    raise conflict from exc
+                rows.rerun_or_raise(
+                    exc,
+                    mine=session is None,
+                    attempt=attempt,
+                    retries=self.retries,
+                    doc_id=doc_id,
+                    base_version=base_version,
+                    metrics=self.metrics,
+                )
                 attempt += 1
 
     def _engine(self, engine: sa.Engine | None) -> sa.Engine:
@@ -757,13 +759,15 @@ class AsyncDocumentHistory(_HistoryBase):
                 async with self._transaction(session) as db:
                     return await work(db)
             except Exception as exc:
-                conflict = rows.race_conflict(exc, doc_id, base_version, self.metrics)
-                if conflict is None:
-                    raise
-                if session is not None or attempt >= self.retries:
-                    if conflict is exc:
-                        raise
-                    raise conflict from exc
+                rows.rerun_or_raise(
+                    exc,
+                    mine=session is None,
+                    attempt=attempt,
+                    retries=self.retries,
+                    doc_id=doc_id,
+                    base_version=base_version,
+                    metrics=self.metrics,
+                )
                 attempt += 1
 
     async def _save_in(
