@@ -113,6 +113,8 @@ def test_evenly_spaced_keys_are_short() -> None:
         key_between("A0", None)
 
 
+# behaviour of the backends, not of the interpreter: run once, on 3.11 (tox.ini)
+@pytest.mark.slow
 def test_inserts_at_one_spot_keep_keys_short(engine: sa.Engine, history: BlockHistory) -> None:
     """500 inserts at the top, then 500 in one middle gap: keys stay within MAX_KEY, the page
     in order, and no save rewrites more than a window of rows."""
@@ -353,6 +355,8 @@ def _edits(rng: random.Random, page: list[dict[str, object]], step: int) -> list
     return new
 
 
+# behaviour of the backends, not of the interpreter: run once, on 3.11 (tox.ini)
+@pytest.mark.slow
 @settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )

@@ -79,6 +79,8 @@ def _rows(n: int, start: int = 0) -> list[dict[str, Any]]:
     ]
 
 
+# behaviour of the backends, not of the interpreter: run once, on 3.11 (tox.ini)
+@pytest.mark.slow
 def test_a_hundred_thousand_rows(engine: sa.Engine) -> None:
     """100,000 rows land in one call, COPY on PostgreSQL (executemany on SQLite)."""
     progress: list[tuple[int, int | None]] = []

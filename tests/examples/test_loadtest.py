@@ -146,6 +146,8 @@ async def test_concurrent_editors_lose_nothing(serve: Serve) -> None:
     assert generator.requests == results.requests
 
 
+# behaviour of the backends, not of the interpreter: run once, on 3.11 (tox.ini)
+@pytest.mark.slow
 @pytest.mark.anyio
 async def test_two_generator_processes_merge_and_verify(
     serve: Serve, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -276,6 +278,8 @@ def test_stay_is_at_least_one() -> None:
     assert parse_args(["--stay", "1"]).stay == 1.0
 
 
+# behaviour of the backends, not of the interpreter: run once, on 3.11 (tox.ini)
+@pytest.mark.slow
 @pytest.mark.anyio
 async def test_rate_limited_saves_wait_out_429(serve: Serve) -> None:
     """With 5 saves/minute per user, the excess is refused with 429 and users wait."""

@@ -426,6 +426,8 @@ def test_ack_many_acks_held_jobs_and_reports_lost_ones(
     assert backend.ack_many([]) == []
 
 
+# behaviour of the backends, not of the interpreter: run once, on 3.11 (tox.ini)
+@pytest.mark.slow
 def test_ack_many_takes_any_batch_size(backend: QueueBackend, clock: FakeClock) -> None:
     """A batch larger than one script or statement step is acked whole, in order."""
     for _ in range(1200):
