@@ -222,28 +222,34 @@ def _worker(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _serve_metrics(metrics: Any, host: str, port: int) -> Any:
-    """``GET /metrics`` from ``metrics`` on a daemon thread (``port`` 0: any free port)."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    """The WSGI ``metrics_app`` at ``/metrics`` on a daemon thread (``port`` 0: any free port).
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # the http.server protocol
-            if self.path.split("?", 1)[0] != "/metrics":
-                self.send_error(404)
-                return
-            body, headers = metrics.render_response(
-                self.headers.get("Accept"), self.headers.get("Accept-Encoding")
+    The same endpoint an application mounts (format negotiation, gzip, ``HEAD``, 405), served
+    by the standard library's WSGI server; any other path is a 404.
+    """
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    from hardening.adapters.wsgi import metrics_app
+
+    endpoint = metrics_app(metrics)
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        if environ.get("PATH_INFO") != "/metrics":
+            start_response(
+                "404 Not Found", [("Content-Type", "text/plain"), ("Content-Length", "0")]
             )
-            self.send_response(200)
-            for name, value in headers.items():
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(body)
+            return [b""]
+        return endpoint(environ, start_response)
 
+    class Server(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+
+    class Quiet(WSGIRequestHandler):
         def log_message(self, format: str, *args: Any) -> None:
             pass  # a scrape every few seconds is not news
 
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
+    server = make_server(host, port, app, server_class=Server, handler_class=Quiet)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server
 
