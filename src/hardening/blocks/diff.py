@@ -219,7 +219,7 @@ class _Differ:
             self.ops.append({"op": "test", "path": path, "value": item})
 
     def array(self, old: list[object], new: list[object], path: str) -> None:
-        start, end = _shared_ends(old, new)
+        start, end = shared_ends(old, new)
         if not start and not end:
             self.whole_array(old, new, path)
             return
@@ -471,15 +471,21 @@ def match_keys(items: Sequence[object], id_key: str) -> tuple[list[object], list
     return keys, anonymous, repeated
 
 
-def _shared_ends(old: list[object], new: list[object]) -> tuple[int, int]:
-    """How many leading and trailing items two lists hold as the very same objects."""
-    shortest = min(len(old), len(new))
+def shared_ends(
+    first: list[object], second: list[object], third: list[object] | None = None
+) -> tuple[int, int]:
+    """How many leading and trailing items the lists hold as the very same objects.
+
+    In all of them: the differ compares two versions of a list, rebase three.
+    """
+    other = second if third is None else third
+    shortest = min(len(first), len(second), len(other))
     start = 0
-    while start < shortest and old[start] is new[start]:
+    while start < shortest and first[start] is second[start] and first[start] is other[start]:
         start += 1
     end = 0
     room = shortest - start
-    while end < room and old[-1 - end] is new[-1 - end]:
+    while end < room and first[-1 - end] is second[-1 - end] and first[-1 - end] is other[-1 - end]:
         end += 1
     return start, end
 

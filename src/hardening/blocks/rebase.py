@@ -34,7 +34,14 @@ from typing import cast
 
 from hardening.blocks._json import MISSING, pointer, same
 from hardening.blocks._text import merge_text
-from hardening.blocks.diff import _Content, _Nth, diff, longest_increasing_subsequence, match_keys
+from hardening.blocks.diff import (
+    _Content,
+    _Nth,
+    diff,
+    longest_increasing_subsequence,
+    match_keys,
+    shared_ends,
+)
 from hardening.blocks.patch import (
     DEFAULT_LIMITS,
     PatchLimits,
@@ -255,7 +262,7 @@ class _Merger:
         costs the blocks between the edits, not the page. The ends are trusted only if no id in
         them appears again in a middle (a duplicated id: then the whole list is merged).
         """
-        start, end = _shared_ends(base, head, mine)
+        start, end = shared_ends(base, head, mine)
         if start or end:
             middle = (
                 base[start : len(base) - end],
@@ -349,19 +356,6 @@ class _Merger:
                 content[ident], owner[ident] = mine[in_mine[ident]], "mine"
         order = _order(base_ids, head_ids, mine_ids, content, owner, route, self.prefer_mine)
         return [content[ident] for ident in order]
-
-
-def _shared_ends(base: list[object], head: list[object], mine: list[object]) -> tuple[int, int]:
-    """How many leading and trailing items the three lists hold as the very same objects."""
-    shortest = min(len(base), len(head), len(mine))
-    start = 0
-    while start < shortest and base[start] is head[start] and base[start] is mine[start]:
-        start += 1
-    end = 0
-    room = shortest - start
-    while end < room and base[-1 - end] is head[-1 - end] and base[-1 - end] is mine[-1 - end]:
-        end += 1
-    return start, end
 
 
 def _moved(base_ids: list[object], in_base: dict[object, int], ids: list[object]) -> set[object]:
