@@ -35,6 +35,7 @@ from hardening.blocks._blockrows import block_rows, block_snapshots
 from hardening.blocks._order import MAX_KEY, key_between, keys_between
 from hardening.blocks.blockhistory import BlockHistory
 from hardening.blocks.history import HistoryBase
+from tests.sqlcount import Statements
 
 
 def _page(n: int, prefix: str = "b") -> list[dict[str, object]]:
@@ -51,24 +52,6 @@ def engine(sql_engine: sa.Engine) -> sa.Engine:
 @pytest.fixture
 def history(engine: sa.Engine) -> BlockHistory:
     return BlockHistory(engine, limits=PatchLimits(max_array_length=20_000))
-
-
-class _Statements:
-    """Counts the SQL statements an engine runs (the cost of a call, as fixed work)."""
-
-    def __init__(self, engine: sa.Engine) -> None:
-        self.engine = engine
-        self.seen: list[str] = []
-
-    def _count(self, *args: object) -> None:
-        self.seen.append(str(args[2]))
-
-    def __enter__(self) -> _Statements:
-        sa.event.listen(self.engine, "before_cursor_execute", self._count)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        sa.event.remove(self.engine, "before_cursor_execute", self._count)
 
 
 def _keys(engine: sa.Engine, doc_id: str) -> list[tuple[str, str]]:
@@ -166,7 +149,7 @@ def test_a_save_runs_the_same_statements_on_any_page_size(
         history.create(doc, _page(size))
         i = size - 3
         patch = json.loads(json.dumps(edit).replace("{i}", str(i)))
-        with _Statements(engine) as statements:
+        with Statements(engine) as statements:
             history.save(doc, patch, base_version=1)
         counts.append(statements.seen)
         assert _keys(engine, doc) == sorted(_keys(engine, doc))
@@ -441,7 +424,7 @@ def test_find_blocks_reads_only_the_named_blocks(engine: sa.Engine, history: Blo
     """``find_blocks`` answers the head's version and the named blocks it still holds."""
     history.create("p", _page(1_000))
     history.save("p", [{"op": "remove", "path": "/7"}], base_version=1)
-    with _Statements(engine) as statements:
+    with Statements(engine) as statements:
         version, found = history.find_blocks("p", ["b3", "b7", "b999", "missing"])
     assert version == 2
     assert sorted(found) == ["b3", "b999"]

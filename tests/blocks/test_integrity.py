@@ -27,6 +27,7 @@ from hardening import (
 )
 from hardening.blocks.blockhistory import BlockSave
 from hardening.blocks.history import HistoryBase
+from tests.sqlcount import Statements
 
 # snapshots at versions 1, 6, 11, ... (every 5 patches), whatever the sizes
 EVERY_5 = SnapshotPolicy(every=5, replay_ratio=None)
@@ -430,24 +431,6 @@ def test_a_database_without_digest_columns_is_upgraded(
 # --- the cost of a save -----------------------------------------------------------------------
 
 
-class _Statements:
-    """The SQL statements an engine runs meanwhile."""
-
-    def __init__(self, engine: sa.Engine) -> None:
-        self.engine = engine
-        self.seen: list[str] = []
-
-    def _count(self, *args: object) -> None:
-        self.seen.append(str(args[2]))
-
-    def __enter__(self) -> _Statements:
-        sa.event.listen(self.engine, "before_cursor_execute", self._count)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        sa.event.remove(self.engine, "before_cursor_execute", self._count)
-
-
 def test_a_save_costs_the_same_at_version_3_and_300(engine: sa.Engine, storage: str) -> None:
     """Chaining reads no earlier row: a save at version 300 runs exactly the statements of a
     save at version 3."""
@@ -457,7 +440,7 @@ def test_a_save_costs_the_same_at_version_3_and_300(engine: sa.Engine, storage: 
     seen = {}
     for version in range(1, 301):
         if version in (3, 300):
-            with _Statements(engine) as statements:
+            with Statements(engine) as statements:
                 history.save("doc", _edit(version), base_version=version)
             seen[version] = statements.seen
         else:
