@@ -232,13 +232,16 @@ class _Merger:
         (new, or changed: a changed id-less item is a removal and an addition) is that side's
         own, so two sides adding equal id-less items keep both.
         """
-        (base_keys, base_anon, _), (head_keys, head_anon, _), (mine_keys, mine_anon, _) = (
-            match_keys(items, self.id_key) for items in (base, head, mine)
-        )
-        anonymous: set[object] = set()
-        for keys, anon in ((base_keys, base_anon), (head_keys, head_anon), (mine_keys, mine_anon)):
-            if any(type(key) is _Nth and not a for key, a in zip(keys, anon, strict=True)):
+        keyed = [match_keys(items, self.id_key) for items in (base, head, mine)]
+        for keys, anon, repeated in keyed:  # match_keys says when a key repeats at all
+            if repeated and any(
+                type(key) is _Nth and not a for key, a in zip(keys, anon, strict=True)
+            ):
                 return None  # a duplicated id: which block is which is unknown
+        (base_keys, base_anon, _), (head_keys, head_anon, _), (mine_keys, mine_anon, _) = keyed
+        if True not in base_anon and True not in head_anon and True not in mine_anon:
+            return base_keys, head_keys, mine_keys, set()  # the common case: ids only
+        anonymous: set[object] = set()
         in_base = set(base_keys)
         anonymous.update(key for key, a in zip(base_keys, base_anon, strict=True) if a)
         sides = []
